@@ -1,0 +1,238 @@
+"""`bench-llm`: offline throughput, batch-1 latency, and load against a running server.
+
+    bench-llm throughput ENGINE --isl 128 --osl 128 --num-requests 3000
+    bench-llm latency ENGINE --isl 128 --osl 128
+    bench-llm serve URL --num-requests 256 --concurrency 32
+
+Throughput follows trtllm-bench: synthetic random-token prompts of a fixed length,
+ignore_eos, every request submitted at t=0, output tokens counted. `--record` appends a row
+to BENCHMARKS.md (GPU, date, commit, command, figures) so the table keeps the project's
+performance history.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+HISTORY_HEADER = "## Performance history (bench-llm --record)"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class BenchResult:
+    mode: str
+    figures: dict[str, float]
+    device: str
+    engine: str
+
+    def summary(self) -> str:
+        return ", ".join(f"{k} {_fmt(v)}" for k, v in self.figures.items())
+
+
+def _fmt(v: float) -> str:
+    if isinstance(v, int) or abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.3g}"
+
+
+def _device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def _synthetic_prompts(num: int, isl: int, vocab_size: int, seed: int) -> list[list[int]]:
+    """Random token prompts, avoiding the lowest ids where tokenizers keep special tokens."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    low = min(1000, vocab_size // 4)
+    return rng.integers(low, vocab_size, size=(num, isl)).tolist()
+
+
+def _make_engine(args: argparse.Namespace):
+    from kiln.runtime import LLMEngine
+
+    options = {k: v for k, v in {
+        "max_batch_size": args.max_batch_size,
+        "max_num_tokens": args.max_num_tokens,
+        "kv_cache_fraction": args.kv_cache_fraction,
+        "enforce_eager": args.enforce_eager or None,
+        "device": args.device,
+    }.items() if v is not None}
+    return LLMEngine.from_engine_dir(args.engine, **options)
+
+
+def _peak_gpu_gib() -> float:
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0.0
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def run_throughput(args: argparse.Namespace) -> BenchResult:
+    from kiln.runtime import SamplingParams
+
+    engine = _make_engine(args)
+    vocab = engine.model_config.vocab_size
+    prompts = _synthetic_prompts(args.num_requests, args.isl, vocab, args.seed)
+    params = SamplingParams(max_tokens=args.osl, ignore_eos=True, temperature=0.0)
+    if args.warmup:
+        _drain(engine, _synthetic_prompts(min(8, args.num_requests), args.isl, vocab, args.seed + 1), params, "warm")
+    start = time.perf_counter()
+    out_tokens, steps = _drain(engine, prompts, params, "req")
+    elapsed = time.perf_counter() - start
+    figures = {
+        "output_tok_s": out_tokens / elapsed,
+        "requests_s": args.num_requests / elapsed,
+        "total_s": elapsed,
+        "steps": steps,
+        "peak_gpu_gib": _peak_gpu_gib(),
+    }
+    return BenchResult("throughput", figures, _device_name(), args.engine)
+
+
+def _drain(engine, prompts: list[list[int]], params, prefix: str) -> tuple[int, int]:
+    for i, p in enumerate(prompts):
+        engine.add_request(f"{prefix}-{i}", p, params)
+    out_tokens = steps = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            for c in out.outputs:
+                out_tokens += len(c.delta_token_ids)
+        steps += 1
+    return out_tokens, steps
+
+
+def run_latency(args: argparse.Namespace) -> BenchResult:
+    from kiln.runtime import SamplingParams
+
+    engine = _make_engine(args)
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=args.osl, ignore_eos=True, temperature=0.0)
+    ttfts, decode_rates = [], []
+    for it in range(args.warmup + args.iterations):
+        prompt = _synthetic_prompts(1, args.isl, vocab, args.seed + it)[0]
+        engine.add_request(f"lat-{it}", prompt, params)
+        t0 = time.perf_counter()
+        t_first = None
+        n = 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                n += sum(len(c.delta_token_ids) for c in out.outputs)
+            if t_first is None and n > 0:
+                t_first = time.perf_counter()
+        t_end = time.perf_counter()
+        if it >= args.warmup:
+            ttfts.append(t_first - t0)
+            decode_rates.append((n - 1) / (t_end - t_first))
+    ttfts.sort()
+    decode_rates.sort()
+    figures = {
+        "ttft_ms_p50": 1000 * ttfts[len(ttfts) // 2],
+        "decode_tok_s_p50": decode_rates[len(decode_rates) // 2],
+        "decode_tok_s_best": decode_rates[-1],
+    }
+    return BenchResult("latency", figures, _device_name(), args.engine)
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def record(result: BenchResult, command: str, path: Path) -> None:
+    """Append one row to the performance-history table of BENCHMARKS.md (never rewrite old rows)."""
+    text = path.read_text() if path.exists() else "# Kiln benchmarks\n"
+    if HISTORY_HEADER not in text:
+        text = text.rstrip("\n") + (
+            f"\n\n{HISTORY_HEADER}\n\n| date | device | commit | command | figures |\n|---|---|---|---|---|\n"
+        )
+    row = (f"| {_dt.date.today().isoformat()} | {result.device} | {_commit()} | `{command}` | "
+           f"{result.summary()} |\n")
+    head, sep, tail = text.partition(HISTORY_HEADER)
+    # Insert after the last row of the history table (rows start with '|').
+    lines = tail.split("\n")
+    last = max(i for i, line in enumerate(lines) if line.startswith("|"))
+    lines.insert(last + 1, row.rstrip("\n"))
+    path.write_text(head + sep + "\n".join(lines))
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("engine", help="engine directory made by build-llm")
+    p.add_argument("--isl", type=int, default=128, help="input (prompt) length in tokens (default 128)")
+    p.add_argument("--osl", type=int, default=128, help="output length in tokens, EOS ignored (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the synthetic prompts")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up runs before timing (default 1)")
+    p.add_argument("--max-batch-size", type=int, help="scheduler: max sequences per step")
+    p.add_argument("--max-num-tokens", type=int, help="scheduler: token budget per step")
+    p.add_argument("--kv-cache-fraction", type=float, help="fraction of free GPU memory for the KV cache")
+    p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--record", nargs="?", const=str(REPO_ROOT / "BENCHMARKS.md"), metavar="FILE",
+                   help="append a row to the performance history in BENCHMARKS.md (or FILE)")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bench-llm",
+        description="Benchmark a Kiln engine: offline throughput, batch-1 latency, or a live server.",
+        epilog="Examples:\n  bench-llm throughput engines/llama8b --isl 128 --osl 128 --num-requests 3000 --record\n"
+               "  bench-llm latency engines/llama8b\n"
+               "  bench-llm serve http://127.0.0.1:8000 --num-requests 256 --concurrency 32",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="mode", required=True)
+    tp = sub.add_parser("throughput", help="offline throughput, all requests at t=0 (like trtllm-bench)")
+    _add_engine_options(tp)
+    tp.add_argument("--num-requests", type=int, default=1000, help="number of requests (default 1000)")
+    lat = sub.add_parser("latency", help="batch-1 time to first token and decode tokens/s")
+    _add_engine_options(lat)
+    lat.add_argument("--iterations", type=int, default=3, help="timed runs (default 3)")
+    sub.add_parser("serve", help="load against a running server (see `bench-llm serve --help`)", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "serve":
+        from kiln.server.bench_serve import main as serve_main
+
+        return serve_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        result = run_throughput(args) if args.mode == "throughput" else run_latency(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"bench-llm: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(asdict(result)))
+    print(f"{result.mode} on {result.device}: {result.summary()}")
+    if args.record:
+        record(result, "bench-llm " + " ".join(shlex.quote(a) for a in argv), Path(args.record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

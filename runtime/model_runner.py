@@ -1,0 +1,168 @@
+"""ModelRunner: executes one SchedulerOutput (prepare inputs, forward, sample) on one rank.
+
+The runner decides nothing about who runs: it holds the model, the KV cache and the
+per-request ``InputBatch``, and turns each plan into tensors and the sampled tokens back into
+Python lists with one host sync per step. Hooks for the later fast path (CUDA graphs for
+decode-only batches, CPU/GPU overlap) are the ``_forward`` seam; they are not built yet.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from kiln.runtime.attention import AttentionMetadata, select_kernels
+from kiln.runtime.config import EngineConfig
+from kiln.runtime.input_batch import InputBatch, ModelInputs, SamplingBatch
+from kiln.runtime.kv_cache import KVCache, KVCacheSpec, cpu_num_blocks, explicit_num_blocks, gpu_num_blocks
+from kiln.runtime.model import LlamaFamilyModel, config_value
+from kiln.runtime.sampler import Sampler, SamplerOutput, SamplingMetadata
+from kiln.scheduler.interface import RunnerOutput, SchedulerOutput
+from kiln.scheduler.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    """One rank's model, KV cache and request state.
+
+    Invariants: ``num_blocks``/``block_size`` describe the KV cache the scheduler allocates
+    from; the runner's token rows always hold every token the scheduler knows about for a
+    live request (it appends what it samples itself).
+    """
+
+    def __init__(self, engine_config: EngineConfig, loaded_engine: Any, rank: int = 0) -> None:
+        self.config = engine_config
+        mc = loaded_engine.model_config
+        self.model_config = mc
+        self.device = engine_config.torch_device
+        self.dtype = engine_config.compute_dtype(mc.dtype)
+        self.max_model_len = engine_config.resolve_max_model_len(mc)
+        self.block_size = engine_config.block_size
+        self.vocab_size = int(mc.vocab_size)
+        torch.manual_seed(engine_config.seed)
+        self.kernels = select_kernels(self.device, engine_config.attention_backend)
+        self.model = LlamaFamilyModel(
+            mc, loaded_engine.tensors, self.device, self.dtype, self.kernels, max_positions=self.max_model_len
+        )
+        self.sampler = Sampler()
+        spec = KVCacheSpec(
+            num_layers=int(mc.num_hidden_layers), block_size=self.block_size,
+            num_kv_heads=int(config_value(mc, "num_kv_heads_per_rank")), head_size=int(mc.head_size), dtype=self.dtype,
+        )
+        self.num_blocks = self._size_kv_cache(spec)
+        self.kv_cache = KVCache(spec, self.num_blocks, self.device)
+        self.input_batch = InputBatch(
+            engine_config.max_batch_size, self.max_model_len, engine_config.max_num_tokens,
+            self.block_size, self.num_blocks, self.vocab_size, self.device,
+        )
+
+    # ------------------------------------------------------------------ KV sizing
+
+    def _size_kv_cache(self, spec: KVCacheSpec) -> int:
+        cfg = self.config
+        if cfg.num_kv_cache_tokens is not None:
+            return explicit_num_blocks(spec, cfg.num_kv_cache_tokens, self.max_model_len)
+        if self.device.type != "cuda":
+            return cpu_num_blocks(spec, self.max_model_len)
+        peak = self._profile_peak_memory(spec)
+        return gpu_num_blocks(spec, self.device, cfg.kv_cache_fraction, peak, self.max_model_len)
+
+    @torch.inference_mode()
+    def _profile_peak_memory(self, spec: KVCacheSpec) -> int:
+        """Peak bytes allocated by a forward + sample at the full token budget.
+
+        ``max_num_tokens`` prompt tokens spread over up to ``max_batch_size`` sequences, each
+        sampled with top-k/top-p and logprobs (the sampler's most memory-hungry path). The
+        sequences share one throwaway cache of a few blocks: only memory matters here.
+        """
+        cfg = self.config
+        num_tokens = min(cfg.max_num_tokens, cfg.max_batch_size * self.max_model_len)
+        num_seqs = min(cfg.max_batch_size, num_tokens)
+        counts = np.full(num_seqs, num_tokens // num_seqs, dtype=np.int64)
+        counts[: num_tokens % num_seqs] += 1
+        blocks = spec.blocks_for_tokens(int(counts.max()))
+        scratch = KVCache(KVCacheSpec(spec.num_layers, spec.block_size, spec.num_kv_heads, spec.head_size,
+                                      spec.dtype), blocks, self.device)
+        qsl = np.concatenate(([0], np.cumsum(counts)))
+        positions = np.arange(num_tokens) - np.repeat(qsl[:-1], counts)
+        dev = self.device
+
+        def tensor(values: Any, dtype: torch.dtype) -> torch.Tensor:
+            return torch.as_tensor(np.asarray(values), dtype=dtype, device=dev)
+
+        attn = AttentionMetadata(
+            slot_mapping=tensor(positions, torch.int64),
+            block_tables=tensor(np.tile(np.arange(blocks), (num_seqs, 1)), torch.int32),
+            seq_lens=tensor(counts, torch.int32),
+            query_start_loc=tensor(qsl, torch.int32),
+            max_query_len=int(counts.max()),
+            max_seq_len=int(counts.max()),
+        )
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        input_ids = torch.randint(0, self.vocab_size, (num_tokens,), device=dev)
+        logits = self.model(input_ids, tensor(positions, torch.int64), scratch.kv, attn, tensor(qsl[1:] - 1, torch.int64))
+        params = [SamplingParams(temperature=1.0, top_p=0.9, top_k=50, logprobs=SamplingParams.MAX_LOGPROBS)] * num_seqs
+        metadata = SamplingMetadata.build(params, [None] * num_seqs, [[]] * num_seqs, [[]] * num_seqs,
+                                          self.vocab_size, dev)
+        self.sampler(logits, metadata)
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev)
+        del scratch, logits, attn, input_ids
+        torch.cuda.empty_cache()
+        logger.info("profiled %d tokens over %d sequences: peak %.2f GiB", num_tokens, num_seqs, peak / 2**30)
+        return peak
+
+    # ------------------------------------------------------------------ step
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        """Run one step; a request that cannot be prepared fails alone (failed_request_ids)."""
+        batch = self.input_batch
+        failed = batch.apply(scheduler_output)
+        failed |= batch.check_scheduled(scheduler_output)
+        for request_id in failed:
+            batch.remove(request_id)
+        output = RunnerOutput(failed_request_ids=failed)
+        prepared = batch.prepare(scheduler_output, skip=failed)
+        if prepared is None:
+            return output
+        inputs, sampling = prepared
+        logits = self._forward(inputs)
+        if not sampling.request_ids:
+            return output
+        sampled = self._sample(logits, sampling)
+        self._collect(sampling, sampled, output)
+        return output
+
+    def _forward(self, inputs: ModelInputs) -> torch.Tensor:
+        # The seam for CUDA graphs of decode-only batches (not built yet; enforce_eager).
+        return self.model(inputs.input_ids, inputs.positions, self.kv_cache.kv, inputs.attn, inputs.logits_indices)
+
+    def _sample(self, logits: torch.Tensor, sampling: SamplingBatch) -> SamplerOutput:
+        metadata = SamplingMetadata.build(
+            sampling.params, sampling.generators, sampling.prompt_ids, sampling.output_ids,
+            self.vocab_size, self.device,
+        )
+        return self.sampler(logits, metadata)
+
+    def _collect(self, sampling: SamplingBatch, sampled: SamplerOutput, output: RunnerOutput) -> None:
+        """Read the sampled ids back (the step's one sync) and record them per request."""
+        token_ids = sampled.sampled_token_ids.tolist()
+        for request_id, token_id in zip(sampling.request_ids, token_ids):
+            self.input_batch.append_sampled(request_id, token_id)
+            output.sampled_token_ids[request_id] = [token_id]
+        if sampled.logprobs is None:
+            return
+        chosen = sampled.logprobs.chosen.tolist()
+        top_ids = sampled.logprobs.top_ids.tolist()
+        top_lps = sampled.logprobs.top_logprobs.tolist()
+        for i, (request_id, params) in enumerate(zip(sampling.request_ids, sampling.params)):
+            if params.logprobs is not None:
+                k = params.logprobs
+                top = list(zip(top_ids[i][:k], top_lps[i][:k]))
+                output.logprobs[request_id] = [(chosen[i], top)]

@@ -1,0 +1,274 @@
+"""Vectorised sampling over a batch: penalties, greedy, temperature, top-k/top-p/min-p, logprobs.
+
+Everything runs as whole-batch tensor ops on the logits' device. The only Python loop is over
+rows that carry their own seeded ``torch.Generator`` (so a seeded request draws the same noise
+whatever batch it runs in). No ``.item()`` or other host syncs happen here; the flags in
+``SamplingMetadata`` are plain Python bools computed once on the CPU when the batch is built.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kiln.scheduler.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_NEG_INF = float("-inf")
+
+
+@dataclass
+class SamplingMetadata:
+    """Per-row sampling settings of one step, as tensors on the logits' device.
+
+    Invariants kept by ``build``: greedy rows (temperature 0 or top_k 1) have temperature 0
+    and their top_k/top_p/min_p switched off, so the flags describe the random rows only;
+    token-id tensors are padded with ``vocab_size`` (one past the last real id) and are None
+    when ``no_penalties``; ``generators`` maps row index -> generator for seeded random rows.
+    """
+
+    temperature: torch.Tensor  # [S] float32, 0 = greedy row
+    top_p: torch.Tensor  # [S] float32, 1 = off
+    top_k: torch.Tensor  # [S] int32, 0 or -1 = off
+    min_p: torch.Tensor  # [S] float32, 0 = off
+    repetition_penalty: torch.Tensor  # [S] float32, 1 = off
+    presence_penalty: torch.Tensor  # [S] float32
+    frequency_penalty: torch.Tensor  # [S] float32
+    generators: dict[int, torch.Generator]
+    prompt_token_ids: torch.Tensor | None  # [S, Lp] int64, padded with vocab_size
+    output_token_ids: torch.Tensor | None  # [S, Lo] int64, padded with vocab_size
+    max_num_logprobs: int | None
+    all_greedy: bool
+    all_random: bool
+    no_penalties: bool
+    no_top_k: bool
+    no_top_p: bool
+    no_min_p: bool
+    # Largest top_k over random rows when every random row uses top-k (else None): lets the
+    # sampler take torch.topk of that width instead of sorting the whole vocabulary.
+    max_top_k: int | None = None
+
+    @classmethod
+    def build(
+        cls,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+        prompt_ids: Sequence[Sequence[int]],
+        output_ids: Sequence[Sequence[int]],
+        vocab_size: int,
+        device: torch.device | str,
+    ) -> SamplingMetadata:
+        """Turn one step's per-request settings into batch tensors (one copy per tensor)."""
+        greedy = [p.greedy for p in params]
+        temperature = [0.0 if g else p.temperature for p, g in zip(params, greedy)]
+        top_k = [0 if g or p.top_k <= 0 else p.top_k for p, g in zip(params, greedy)]
+        top_p = [1.0 if g else p.top_p for p, g in zip(params, greedy)]
+        min_p = [0.0 if g else p.min_p for p, g in zip(params, greedy)]
+        uses_penalties = [p.needs_penalties for p in params]
+        no_penalties = not any(uses_penalties)
+
+        prompt_t = output_t = None
+        if not no_penalties:
+            # Rows without penalties get empty lists: their padding is never read as a token.
+            prompt_t = _padded([ids if u else [] for ids, u in zip(prompt_ids, uses_penalties)],
+                               vocab_size, device)
+            output_t = _padded([ids if u else [] for ids, u in zip(output_ids, uses_penalties)],
+                               vocab_size, device)
+
+        requested = [p.logprobs for p in params if p.logprobs is not None]
+        random_ks = [k for k, g in zip(top_k, greedy) if not g]
+        max_top_k = max(random_ks) if random_ks and min(random_ks) > 0 else None
+
+        def f32(values: list[float]) -> torch.Tensor:
+            return _to_device(torch.tensor(values, dtype=torch.float32), device)
+
+        return cls(
+            temperature=f32(temperature),
+            top_p=f32(top_p),
+            top_k=_to_device(torch.tensor(top_k, dtype=torch.int32), device),
+            min_p=f32(min_p),
+            repetition_penalty=f32([p.repetition_penalty for p in params]),
+            presence_penalty=f32([p.presence_penalty for p in params]),
+            frequency_penalty=f32([p.frequency_penalty for p in params]),
+            # Greedy rows draw no noise, so their generators are not needed.
+            generators={i: g for i, g in enumerate(generators) if g is not None and not greedy[i]},
+            prompt_token_ids=prompt_t,
+            output_token_ids=output_t,
+            max_num_logprobs=max(requested) if requested else None,
+            all_greedy=all(greedy),
+            all_random=not any(greedy),
+            no_penalties=no_penalties,
+            no_top_k=all(k == 0 for k in top_k),
+            no_top_p=all(p >= 1.0 for p in top_p),
+            no_min_p=all(m == 0.0 for m in min_p),
+            max_top_k=max_top_k,
+        )
+
+
+def _to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Copy a CPU tensor to ``device``; pinned and non-blocking when the target is CUDA."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _padded(rows: Sequence[Sequence[int]], pad: int, device: torch.device | str) -> torch.Tensor:
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), width), pad, dtype=torch.int64)
+    for i, r in enumerate(rows):
+        if r:
+            out[i, : len(r)] = torch.as_tensor(r, dtype=torch.int64)
+    return _to_device(out, device)
+
+
+@dataclass
+class LogprobsTensors:
+    """Logprobs (log_softmax of the raw logits) of the sampled token and the k most likely.
+
+    ``top_ids``/``top_logprobs`` rows are sorted by descending logprob.
+    """
+
+    chosen: torch.Tensor  # [S] float32
+    top_ids: torch.Tensor  # [S, k] int64
+    top_logprobs: torch.Tensor  # [S, k] float32
+
+
+@dataclass
+class SamplerOutput:
+    sampled_token_ids: torch.Tensor  # [S] int64
+    logprobs: LogprobsTensors | None
+
+
+class Sampler:
+    """Stateless batch sampler; see the module docstring for the order of operations."""
+
+    def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
+        logits = logits.float()
+        raw_logprobs = None
+        if metadata.max_num_logprobs is not None:
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+
+        if not metadata.no_penalties:
+            logits = apply_penalties(logits, metadata)
+
+        if metadata.all_greedy:
+            sampled = logits.argmax(dim=-1)
+        else:
+            sampled = self._sample_random(logits, metadata)
+            if not metadata.all_random:
+                greedy_ids = logits.argmax(dim=-1)
+                sampled = torch.where(metadata.temperature == 0.0, greedy_ids, sampled)
+
+        logprobs = None
+        if raw_logprobs is not None:
+            logprobs = _gather_logprobs(raw_logprobs, sampled, metadata.max_num_logprobs or 0)
+        return SamplerOutput(sampled_token_ids=sampled, logprobs=logprobs)
+
+    @staticmethod
+    def _sample_random(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        # Greedy rows divide by 1 here; their result is replaced by the argmax afterwards.
+        temperature = torch.where(md.temperature == 0.0, 1.0, md.temperature)
+        logits = logits / temperature.unsqueeze(1)
+        if not (md.no_top_k and md.no_top_p):
+            logits = apply_top_k_top_p(logits, None if md.no_top_k else md.top_k,
+                                       None if md.no_top_p else md.top_p, md.max_top_k)
+        if not md.no_min_p:
+            logits = apply_min_p(logits, md.min_p)
+        probs = torch.softmax(logits, dim=-1)
+        return exponential_race(probs, md.generators)
+
+
+def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """Repetition penalty over prompt+output tokens, then OpenAI presence/frequency over output.
+
+    Returns a new tensor. Rows whose penalties are neutral come out unchanged.
+    """
+    num_rows, vocab = logits.shape
+    # One extra column absorbs the padding id (== vocab), then is dropped.
+    counts = torch.zeros(num_rows, vocab + 1, dtype=logits.dtype, device=logits.device)
+    if md.output_token_ids is not None and md.output_token_ids.shape[1] > 0:
+        out_ids = md.output_token_ids
+        counts.scatter_add_(1, out_ids, torch.ones_like(out_ids, dtype=logits.dtype))
+    counts = counts[:, :vocab]
+    seen = counts > 0
+    if md.prompt_token_ids is not None and md.prompt_token_ids.shape[1] > 0:
+        in_prompt = torch.zeros(num_rows, vocab + 1, dtype=torch.bool, device=logits.device)
+        in_prompt.scatter_(1, md.prompt_token_ids, True)
+        seen = seen | in_prompt[:, :vocab]
+
+    rep = md.repetition_penalty.unsqueeze(1)
+    penalised = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalised, logits)
+    logits = logits - md.frequency_penalty.unsqueeze(1) * counts
+    return logits - md.presence_penalty.unsqueeze(1) * (counts > 0).to(logits.dtype)
+
+
+# Above this width torch.topk is no cheaper than a full sort.
+_TOPK_FAST_LIMIT = 1024
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor,
+    top_k: torch.Tensor | None,
+    top_p: torch.Tensor | None,
+    max_top_k: int | None = None,
+) -> torch.Tensor:
+    """Mask (to -inf) everything outside each row's top-k, then outside its top-p nucleus.
+
+    The nucleus is taken over the distribution renormalised after top-k: the smallest prefix
+    (by descending probability) whose mass reaches top_p; the most likely token always stays.
+    ``max_top_k`` (every row uses top-k, none above it) allows a topk of that width instead
+    of a full sort.
+    """
+    vocab = logits.shape[-1]
+    if top_k is not None and max_top_k is not None and max_top_k <= min(_TOPK_FAST_LIMIT, vocab):
+        width = max_top_k
+        sorted_logits, sorted_ids = logits.topk(width, dim=-1)
+    else:
+        width = vocab
+        sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)
+    if top_k is not None:
+        ranks = torch.arange(width, device=logits.device).unsqueeze(0)
+        k = torch.where(top_k > 0, top_k.to(torch.int64), width).clamp(max=width)
+        sorted_logits = sorted_logits.masked_fill(ranks >= k.unsqueeze(1), _NEG_INF)
+    if top_p is not None:
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        # Rows with top_p == 1 keep all: float cumsum may reach 1.0 before the tail ends.
+        drop = (mass_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
+        drop[:, 0] = False
+        sorted_logits = sorted_logits.masked_fill(drop, _NEG_INF)
+    if width == vocab:
+        return torch.empty_like(logits).scatter_(1, sorted_ids, sorted_logits)
+    return torch.full_like(logits, _NEG_INF).scatter_(1, sorted_ids, sorted_logits)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Mask tokens whose probability is below min_p times the row's top probability."""
+    probs = torch.softmax(logits, dim=-1)
+    threshold = min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(probs < threshold, _NEG_INF)
+
+
+def exponential_race(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+    """Sample one index per row: argmax(probs / E) with E ~ Exp(1) is a draw from probs.
+
+    Seeded rows refill their noise from their own generator so their draw does not depend
+    on the batch; every other row shares one batched draw.
+    """
+    noise = torch.empty_like(probs).exponential_()
+    for row, gen in generators.items():
+        noise[row].exponential_(generator=gen)
+    # An exact 0 draw would make 0/0 = nan for masked tokens; clamp keeps them at 0.
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+    return (probs / noise).argmax(dim=-1)
+
+
+def _gather_logprobs(raw_logprobs: torch.Tensor, sampled: torch.Tensor, k: int) -> LogprobsTensors:
+    chosen = raw_logprobs.gather(1, sampled.unsqueeze(1)).squeeze(1)
+    top_logprobs, top_ids = raw_logprobs.topk(k, dim=-1)
+    return LogprobsTensors(chosen=chosen, top_ids=top_ids, top_logprobs=top_logprobs)
