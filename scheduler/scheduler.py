@@ -1,0 +1,360 @@
+"""In-flight batching scheduler: one plan per step, no prefill/decode phases.
+
+Every request catches up from ``num_computed_tokens`` to ``num_tokens`` under one token
+budget per step, so chunked prefill, prefix-cache hits and (later) speculative tokens are
+the same rule. Running requests are served first, in order; then waiting ones in queue
+order while the budget, the batch size and the KV blocks allow.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+
+from kiln.scheduler.block_manager import BlockManager, PrefixHit, cdiv
+from kiln.scheduler.config import SchedulerConfig
+from kiln.scheduler.interface import CachedRequestData, NewRequestData, RunnerOutput, SchedulerOutput
+from kiln.scheduler.request import Request, RequestStatus
+from kiln.scheduler.request_queue import WaitingQueue
+from kiln.scheduler.stopping import check_stop
+
+logger = logging.getLogger(__name__)
+
+RUNNING = RequestStatus.RUNNING
+
+
+class RequestRejected(ValueError):
+    """A request that can never run (too long for max_model_len or the KV cache)."""
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    """A snapshot for metrics. Prefix-cache counters are in tokens and cumulative."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+
+
+class _StepPlan:
+    """What one schedule() call has decided so far (mutable, lives for one call)."""
+
+    __slots__ = ("budget", "num_tokens", "cached", "new_requests", "preempted")
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.num_tokens: dict[str, int] = {}  # insertion order is batch order
+        self.cached: dict[str, CachedRequestData] = {}  # running requests
+        self.new_requests: list[NewRequestData] = []
+        self.preempted: set[str] = set()
+
+    def unschedule(self, request_id: str) -> None:
+        self.budget += self.num_tokens.pop(request_id)
+        del self.cached[request_id]
+
+
+class Scheduler:
+    """Decides, each step, which requests run how many tokens, and owns their KV blocks.
+
+    Invariants:
+      * ``_requests`` holds every unfinished request; each is either in ``_running``
+        (status RUNNING, holding blocks) or in ``_waiting`` (WAITING/PREEMPTED, no blocks);
+      * ``len(_running) <= max_batch_size``; a step schedules at most ``max_num_tokens``;
+      * ``num_computed_tokens <= num_tokens`` for every request;
+      * guaranteed_no_evict: the blocks still owed to running requests (their reservation
+        for prompt + max_tokens minus what they hold) never exceed the free blocks, so
+        running requests always get their next block and nothing is preempted.
+    """
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.block_manager = BlockManager(
+            config.num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
+        )
+        self._requests: dict[str, Request] = {}
+        self._running: list[Request] = []
+        self._waiting = WaitingQueue()
+        self._finished_ids: set[str] = set()  # reported in the next SchedulerOutput
+        self._num_reserved = 0  # sum of reservations of running requests (blocks)
+        self._num_preemptions = 0
+
+    # ------------------------------------------------------------------ requests in and out
+    def add_request(self, request: Request) -> None:
+        """Queue a request; raise RequestRejected if it could never run.
+
+        ``max_tokens=None`` is resolved here: up to max_model_len (or the whole KV cache,
+        if that is smaller), so the request can always run to its limit.
+        """
+        rid = request.request_id
+        if rid in self._requests:
+            raise RequestRejected(f"request id {rid!r} is already in use")
+        self._check_fits(request)
+        request.status = RequestStatus.WAITING
+        self._requests[rid] = request
+        self._waiting.push(request)
+
+    def _check_fits(self, request: Request) -> None:
+        cfg = self.config
+        num_prompt = request.num_prompt_tokens
+        if num_prompt == 0:
+            raise RequestRejected("the prompt is empty: at least one prompt token is needed")
+        if num_prompt >= cfg.max_model_len:
+            raise RequestRejected(
+                f"the prompt has {num_prompt} tokens; max_model_len ({cfg.max_model_len}) "
+                "leaves no room for an output token"
+            )
+        params = request.sampling_params
+        if params.max_tokens is None:
+            room = min(cfg.max_model_len, cfg.kv_cache_capacity) - num_prompt
+            if 1 <= room and params.min_tokens <= room:
+                request.sampling_params = replace(params, max_tokens=room)  # never mutate a shared one
+            else:
+                raise RequestRejected(
+                    f"the prompt ({num_prompt} tokens) + min_tokens ({params.min_tokens}) leaves no room "
+                    f"in the KV cache ({cfg.kv_cache_capacity} tokens)"
+                )
+        total = num_prompt + request.max_tokens
+        if total > cfg.max_model_len:
+            raise RequestRejected(
+                f"prompt ({num_prompt} tokens) + max_tokens ({request.max_tokens}) = {total} "
+                f"exceeds max_model_len ({cfg.max_model_len})"
+            )
+        if cdiv(total, cfg.block_size) > cfg.num_blocks:
+            raise RequestRejected(
+                f"prompt + max_tokens = {total} tokens exceeds the KV cache capacity "
+                f"({cfg.kv_cache_capacity} tokens = {cfg.num_blocks} blocks of {cfg.block_size})"
+            )
+
+    def abort_request(self, request_id: str) -> bool:
+        """Drop a request now (its blocks are freed at once). False if it is unknown."""
+        return self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+
+    def finish_request(
+        self, request_id: str, status: RequestStatus, stop_reason: int | str | None = None
+    ) -> bool:
+        """End a request from outside (stop strings, aborts). False if it is unknown."""
+        assert status.finished, f"finish_request needs a finished status, got {status}"
+        request = self._requests.get(request_id)
+        if request is None:
+            return False
+        if request.status is RUNNING:
+            self._running.remove(request)
+        else:
+            self._waiting.remove(request_id)
+        self._release(request, status, stop_reason)
+        return True
+
+    def _release(self, request: Request, status: RequestStatus, stop_reason: int | str | None) -> None:
+        """Finish a request; the caller takes it out of the running list / waiting queue."""
+        if request.status is RUNNING:
+            self._num_reserved -= self._reservation(request)
+        request.status = status
+        request.stop_reason = stop_reason
+        self.block_manager.free(request)
+        del self._requests[request.request_id]
+        self._finished_ids.add(request.request_id)
+        logger.debug("request %s finished: %s", request.request_id, status.value)
+
+    def get_request(self, request_id: str) -> Request | None:
+        return self._requests.get(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    # ------------------------------------------------------------------ stats
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.block_manager.usage
+
+    @property
+    def num_preemptions(self) -> int:
+        return self._num_preemptions
+
+    @property
+    def stats(self) -> SchedulerStats:
+        bm = self.block_manager
+        return SchedulerStats(
+            num_running=self.num_running,
+            num_waiting=self.num_waiting,
+            kv_cache_usage=bm.usage,
+            prefix_cache_queries=bm.prefix_cache_queries,
+            prefix_cache_hits=bm.prefix_cache_hits,
+            num_preemptions=self._num_preemptions,
+        )
+
+    # ------------------------------------------------------------------ schedule
+    def schedule(self) -> SchedulerOutput:
+        """Plan one step: running requests first, then admissions from the waiting queue."""
+        plan = _StepPlan(self.config.max_num_tokens)
+        self._schedule_running(plan)
+        if not plan.preempted:  # memory is short: do not admit while evicting
+            self._schedule_waiting(plan)
+        output = SchedulerOutput(
+            new_requests=plan.new_requests,
+            cached_requests=list(plan.cached.values()),
+            num_scheduled_tokens=plan.num_tokens,
+            order=list(plan.num_tokens),
+            preempted_request_ids=plan.preempted,
+            finished_request_ids=self._finished_ids,
+        )
+        self._finished_ids = set()
+        return output
+
+    def _chunk(self, num_remaining: int, budget: int) -> int:
+        """Tokens a request may run this step: its remaining ones, capped by the budget."""
+        num = num_remaining if num_remaining < budget else budget
+        cap = self.config.long_prefill_token_threshold
+        return cap if 0 < cap < num else num
+
+    def _schedule_running(self, plan: _StepPlan) -> None:
+        # The hot loop of a decode-heavy step: keep per-request work to a few operations.
+        allocate = self.block_manager.allocate_slots
+        chunk = self._chunk
+        num_tokens, cached = plan.num_tokens, plan.cached
+        for request in list(self._running):  # a copy: preemption edits the list
+            if plan.budget <= 0:
+                break
+            if request.status is not RUNNING:
+                continue  # preempted earlier in this loop
+            num_computed = request.num_computed_tokens
+            num_new = chunk(request.num_tokens - num_computed, plan.budget)
+            new_ids = allocate(request, num_new)
+            if new_ids is None:
+                new_ids = self._preempt_until_allocated(request, num_new, plan)
+                if new_ids is None:
+                    continue
+            rid = request.request_id
+            num_tokens[rid] = num_new
+            cached[rid] = CachedRequestData(rid, new_ids, num_computed)
+            plan.budget -= num_new
+
+    def _preempt_until_allocated(self, request: Request, num_new: int, plan: _StepPlan) -> list[int] | None:
+        """Free blocks by preempting the newest lowest-priority running requests."""
+        if self.config.guaranteed_no_evict:
+            # Cannot happen while the reservation invariant holds; never preempt anyway.
+            logger.error("guaranteed_no_evict: no KV block for running request %s", request.request_id)
+            return None
+        while True:
+            victim = max(self._running, key=lambda r: (r.priority, r.arrival_time))
+            self._preempt(victim, plan)
+            if victim is request:
+                return None
+            new_ids = self.block_manager.allocate_slots(request, num_new)
+            if new_ids is not None:
+                return new_ids
+
+    def _preempt(self, request: Request, plan: _StepPlan) -> None:
+        rid = request.request_id
+        self._running.remove(request)
+        if rid in plan.num_tokens:
+            plan.unschedule(rid)
+        self._num_reserved -= self._reservation(request)
+        self.block_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0  # its KV is gone: recompute prompt + outputs so far
+        request.num_preemptions += 1
+        self._num_preemptions += 1
+        self._waiting.push(request)
+        plan.preempted.add(rid)
+        logger.info("preempted request %s (%d tokens) to free KV blocks", rid, request.num_tokens)
+
+    def _schedule_waiting(self, plan: _StepPlan) -> None:
+        max_batch = self.config.max_batch_size
+        while plan.budget > 0 and len(self._running) < max_batch:
+            request = self._waiting.peek()
+            if request is None or not self._admit(request, plan):
+                break  # strict queue order: nobody overtakes a request that does not fit
+            self._waiting.pop()
+
+    def _reservation(self, request: Request) -> int:
+        """Blocks a request may ever need: prompt + max_tokens, capped at max_model_len."""
+        total = min(request.num_prompt_tokens + request.max_tokens, self.config.max_model_len)
+        return cdiv(total, self.config.block_size)
+
+    def _admit(self, request: Request, plan: _StepPlan) -> bool:
+        bm = self.block_manager
+        hit = bm.get_computed_blocks(request)
+        num_new = self._chunk(request.num_tokens - hit.num_tokens, plan.budget)
+        reservation = self._reservation(request)
+        if self.config.guaranteed_no_evict and not self._can_reserve(reservation, hit):
+            return False
+        if bm.allocate_slots(request, num_new, hit) is None:
+            return False
+        self._num_reserved += reservation
+        request.status = RUNNING
+        request.num_computed_tokens = hit.num_tokens
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = time.monotonic()
+            request.num_cached_tokens = hit.num_tokens
+        self._running.append(request)
+        rid = request.request_id
+        plan.num_tokens[rid] = num_new
+        plan.budget -= num_new
+        plan.new_requests.append(
+            NewRequestData(
+                request_id=rid,
+                token_ids=request.all_token_ids,
+                num_prompt_tokens=request.num_prompt_tokens,
+                sampling_params=request.sampling_params,
+                block_ids=list(bm.get_block_ids(rid)),
+                num_computed_tokens=hit.num_tokens,
+            )
+        )
+        return True
+
+    def _can_reserve(self, reservation: int, hit: PrefixHit) -> bool:
+        """guaranteed_no_evict admission: can the pool still honour every reservation?"""
+        bm = self.block_manager
+        owed = self._num_reserved - bm.num_assigned_blocks  # blocks running requests may still take
+        # Hit blocks already in use cost nothing; cached-but-free ones come out of the pool.
+        needed = reservation - len(hit.block_ids) + hit.num_evictable
+        return needed <= bm.num_free_blocks - owed
+
+    # ------------------------------------------------------------------ update
+    def update(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[Request]:
+        """Apply a step's results; return the requests that got tokens or finished."""
+        changed: list[Request] = []
+        failed = runner_output.failed_request_ids
+        sampled_by_id = runner_output.sampled_token_ids
+        cache_blocks = self.block_manager.cache_computed_blocks
+        requests = self._requests
+        max_model_len = self.config.max_model_len
+        any_finished = False
+        for rid, num in scheduler_output.num_scheduled_tokens.items():
+            request = requests.get(rid)
+            if request is None or request.status is not RUNNING:
+                continue  # aborted or finished while the step ran
+            if failed and rid in failed:
+                self._release(request, RequestStatus.FINISHED_ERROR, None)
+                changed.append(request)
+                any_finished = True
+                continue
+            request.num_computed_tokens += num
+            cache_blocks(request)
+            sampled = sampled_by_id.get(rid)
+            if not sampled:
+                continue  # a partial prefill chunk
+            outputs = request.output_token_ids
+            for token in sampled:
+                outputs.append(token)
+                stop = check_stop(request, token, max_model_len)
+                if stop is not None:
+                    self._release(request, stop[0], stop[1])
+                    any_finished = True
+                    break  # tokens after a stop (speculative ones) are dropped
+            changed.append(request)
+        if any_finished:
+            self._running = [r for r in self._running if r.status is RUNNING]
+        return changed

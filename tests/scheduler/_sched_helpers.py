@@ -1,0 +1,138 @@
+"""Shared helpers for the scheduler tests: requests, schedulers and a fake model runner.
+
+The fake runner keeps its own copy of every request's tokens and block table, built only
+from the SchedulerOutputs it receives (the contract in kiln/scheduler/interface.py), and a
+shadow "KV cache" where each slot holds a fingerprint of the token prefix ending at that
+position. Before a step runs it checks that every context position the request attends to
+holds the right fingerprint, so a wrong block table, a bad prefix-cache hit or a block
+reused while still in use shows up as a mismatch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+from kiln.scheduler import (
+    Request,
+    RunnerOutput,
+    SamplingParams,
+    Scheduler,
+    SchedulerConfig,
+    SchedulerOutput,
+)
+
+_ids = itertools.count()
+_clock = itertools.count()
+
+
+def make_request(
+    prompt: int | list[int],
+    max_tokens: int | None = 8,
+    request_id: str | None = None,
+    eos: int | None = None,
+    priority: int = 0,
+    arrival_time: float | None = None,
+    **params,
+) -> Request:
+    """A request whose prompt is ``prompt`` tokens (distinct per request) or the given ids."""
+    rid = request_id if request_id is not None else f"req-{next(_ids)}"
+    if isinstance(prompt, int):
+        base = 1000 * (next(_ids) + 1)
+        prompt = list(range(base, base + prompt))
+    return Request(
+        request_id=rid,
+        prompt_token_ids=list(prompt),
+        sampling_params=SamplingParams(max_tokens=max_tokens, **params),
+        eos_token_ids=frozenset() if eos is None else frozenset([eos]),
+        arrival_time=float(next(_clock)) if arrival_time is None else arrival_time,
+        priority=priority,
+    )
+
+
+def make_scheduler(**overrides) -> Scheduler:
+    options = dict(num_blocks=64, max_model_len=256, block_size=4, max_num_tokens=64, max_batch_size=16)
+    options.update(overrides)
+    return Scheduler(SchedulerConfig(**options))
+
+
+class FakeRunner:
+    """Executes SchedulerOutputs without a model, checking the scheduler <-> runner contract."""
+
+    def __init__(self, block_size: int, seed: int = 0, vocab: int = 8) -> None:
+        self.block_size = block_size
+        self.rng = random.Random(seed)
+        self.vocab = vocab
+        self.tokens: dict[str, list[int]] = {}
+        self.num_prompt: dict[str, int] = {}
+        self.blocks: dict[str, list[int]] = {}
+        self.computed: dict[str, int] = {}
+        self.kv: dict[int, int] = {}  # slot -> fingerprint of the token prefix ending there
+
+    def _fingerprints(self, tokens: list[int], end: int) -> list[int]:
+        out, h = [], 0
+        for token in tokens[:end]:
+            h = hash((h, token))
+            out.append(h)
+        return out
+
+    def _slot(self, rid: str, position: int) -> int:
+        return self.blocks[rid][position // self.block_size] * self.block_size + position % self.block_size
+
+    def _apply_plan(self, out: SchedulerOutput) -> None:
+        for rid in out.finished_request_ids | out.preempted_request_ids:
+            for state in (self.tokens, self.num_prompt, self.blocks, self.computed):
+                state.pop(rid, None)
+        for new in out.new_requests:
+            assert new.request_id not in self.tokens, f"{new.request_id} sent as new twice"
+            self.tokens[new.request_id] = list(new.token_ids)
+            self.num_prompt[new.request_id] = new.num_prompt_tokens
+            self.blocks[new.request_id] = list(new.block_ids)
+            self.computed[new.request_id] = new.num_computed_tokens
+        for cached in out.cached_requests:
+            assert cached.num_computed_tokens == self.computed[cached.request_id]
+            self.blocks[cached.request_id].extend(cached.new_block_ids)
+        assert set(out.order) == set(out.num_scheduled_tokens)
+        assert set(out.order) == set(self.tokens) & set(out.order)
+
+    def execute(
+        self, out: SchedulerOutput, sample=None, failed: frozenset[str] = frozenset()
+    ) -> RunnerOutput:
+        """Run one step; ``sample(rid) -> list[int]`` picks tokens (default: random)."""
+        self._apply_plan(out)
+        sampled: dict[str, list[int]] = {}
+        for rid in out.order:
+            n = out.num_scheduled_tokens[rid]
+            start, tokens = self.computed[rid], self.tokens[rid]
+            end = start + n
+            assert 0 < n and end <= len(tokens), f"{rid}: runs [{start}, {end}) of {len(tokens)} tokens"
+            assert len(self.blocks[rid]) * self.block_size >= end, f"{rid}: too few blocks"
+            prints = self._fingerprints(tokens, end)
+            for pos in range(start):  # context that must already be in the cache
+                assert self.kv.get(self._slot(rid, pos)) == prints[pos], f"{rid}: stale KV at {pos}"
+            for pos in range(start, end):
+                self.kv[self._slot(rid, pos)] = prints[pos]
+            self.computed[rid] = end
+            if end == len(tokens) and rid not in failed:
+                new = sample(rid) if sample else [self.rng.randrange(self.vocab)]
+                sampled[rid] = new
+                # The runner appends what it sampled; if the scheduler stops the request
+                # mid-list, it is finished and this copy is dropped anyway.
+                tokens.extend(new)
+        return RunnerOutput(sampled_token_ids=sampled, failed_request_ids=set(failed))
+
+
+def step(sched: Scheduler, runner: FakeRunner, sample=None, failed=frozenset()):
+    out = sched.schedule()
+    result = runner.execute(out, sample, failed)
+    changed = sched.update(out, result)
+    return out, changed
+
+
+def run_to_completion(sched: Scheduler, runner: FakeRunner, sample=None, max_steps: int = 10_000) -> int:
+    steps = 0
+    while sched.has_unfinished_requests():
+        step(sched, runner, sample)
+        steps += 1
+        assert steps < max_steps, "requests never finish"
+    return steps
