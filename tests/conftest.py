@@ -1,0 +1,33 @@
+"""Session fixtures shared by every test folder: the embedded default model.
+
+``smollm2_hf_dir``: the SmolLM2-135M-Instruct HF checkpoint (converted once from the bundled
+GGUF into Kiln's cache). ``smollm2_engine_dir``: that model built once per session into a
+temporary folder, tp 1, float32 (for CPU correctness tests against transformers).
+Heavy imports happen inside the fixtures so collecting tests stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir() -> Path:
+    from kiln.engine_builder import resolve_source
+
+    return resolve_source("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_engine_dir(smollm2_hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from kiln.engine_builder import build_engine
+
+    out = tmp_path_factory.mktemp("smollm2") / "engine"
+    build_engine(smollm2_hf_dir, out, tp=1, dtype="float32", progress=False)
+    return out
