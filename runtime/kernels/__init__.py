@@ -1,0 +1,25 @@
+"""Triton kernels for Kiln's GPU path (see DESIGN.md "Kernel API").
+
+Each function takes CUDA tensors (or CPU tensors under TRITON_INTERPRET=1, for tests) and has a
+torch reference in kiln.runtime.attention / kiln.runtime.layers. Bad inputs raise
+KernelInputError (a ValueError) with one line naming the problem; no function synchronises
+with the host.
+"""
+
+from ._common import KernelInputError
+from .elementwise import fused_add_rms_norm, silu_and_mul
+from .paged_attention import AttentionConfig, choose_num_splits, default_config, paged_attention
+from .rotary import apply_rotary, rotary_and_write_kv, write_kv_cache
+
+__all__ = [
+    "AttentionConfig",
+    "KernelInputError",
+    "apply_rotary",
+    "choose_num_splits",
+    "default_config",
+    "fused_add_rms_norm",
+    "paged_attention",
+    "rotary_and_write_kv",
+    "silu_and_mul",
+    "write_kv_cache",
+]

@@ -1,0 +1,63 @@
+"""Small helpers shared by the Kiln Triton kernels (launch sizes, dtype handling)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+
+class KernelInputError(ValueError):
+    """A kernel was called with tensors of the wrong shape, dtype or layout."""
+
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (and >= 1): Triton block shapes must be powers of two."""
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise KernelInputError(message) when condition is false."""
+    if not condition:
+        raise KernelInputError(message)
+
+
+def check_dtype(name: str, t: torch.Tensor) -> None:
+    check(t.dtype in SUPPORTED_DTYPES, f"{name} has dtype {t.dtype}; kernels take fp16, bf16 or fp32")
+
+
+def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
+    check(t.stride(-1) == 1, f"{name} must be contiguous in its last dimension (stride {t.stride(-1)})")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get IEEE products (tf32 would cost ~3e-4 relative error); others are exact anyway."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def upcast_dots(t: torch.Tensor) -> bool:
+    """True when a kernel on this tensor runs in Triton's CPU interpreter, whose tl.dot on bf16
+    operands returns garbage (Triton 3.9 reads the raw bits as integers); upcasting the operands
+    to fp32 there gives the same mathematical result. Compiled GPU kernels never upcast."""
+    return not t.is_cuda
+
+
+@functools.lru_cache(maxsize=8)
+def num_sms(device_index: int) -> int:
+    """Multiprocessor count of a CUDA device (cached: the property query is slow)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def device_sms(t: torch.Tensor) -> int:
+    """SM count for tensors on CUDA; a small fixed number elsewhere so CPU tests still split work."""
+    if t.is_cuda:
+        return num_sms(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return 4
+
+
+TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}

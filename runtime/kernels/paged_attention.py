@@ -1,0 +1,153 @@
+"""Paged attention for mixed prefill/decode batches (host side: checks, launch sizes, dispatch).
+
+A batch is served by at most three launches and no host synchronisation:
+* when max_query_len > 1, `prefill_kernel` over every sequence (sequences with q_len < 2 exit at once);
+* `decode_kernel` over every sequence (sequences with q_len != 1 exit at once), split along the
+  context when there are too few (sequence, KV head) programs to fill the GPU;
+* `reduce_kernel`, only when the context was split.
+Which rows are decode rows is decided inside the kernels from query_start_loc, so the caller only
+passes the two maxima it already knows from its CPU plan.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ._common import (SUPPORTED_DTYPES, KernelInputError, check, check_dtype, check_last_dim_contiguous, device_sms, dot_precision, next_pow2,
+                      upcast_dots)
+from .attention_kernels import decode_kernel, prefill_kernel, reduce_kernel
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Tile sizes and launch options; every field is a power of two except the warps/stages counts.
+
+    min_tokens_per_split keeps each decode split long enough that its partial result (written in
+    fp32) stays small next to the KV bytes it reads.
+    """
+
+    prefill_block_m: int = 64
+    prefill_block_n: int = 64
+    prefill_warps: int = 4
+    prefill_stages: int = 2
+    decode_block_n: int = 64
+    decode_warps: int = 4
+    decode_stages: int = 2
+    max_splits: int = 64
+    min_tokens_per_split: int = 256
+
+
+def default_config(head_dim: int, dtype: torch.dtype) -> AttentionConfig:
+    """Tuned on an H100 for head dims 64/128; fp32 gets smaller tiles to fit shared memory."""
+    if dtype == torch.float32:
+        return AttentionConfig(prefill_block_m=32, prefill_block_n=32, decode_block_n=32)
+    return AttentionConfig(prefill_block_m=64, prefill_block_n=64, prefill_stages=2, decode_stages=3)
+
+
+def choose_num_splits(batch: int, kv_heads: int, max_seq_len: int, cfg: AttentionConfig, sms: int) -> int:
+    """How many programs share one sequence's context in decode: enough for about two waves of
+    programs on the GPU, never splits shorter than cfg.min_tokens_per_split; a power of two."""
+    programs = max(batch * kv_heads, 1)
+    want = -(-2 * sms // programs)
+    by_length = max(max_seq_len // cfg.min_tokens_per_split, 1)
+    splits = max(min(want, by_length, cfg.max_splits), 1)
+    return 1 << (splits.bit_length() - 1)
+
+
+def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                  query_start_loc: torch.Tensor, seq_lens: torch.Tensor) -> None:
+    """One cheap boolean on the hot path (this runs once per layer per step; building the error
+    messages eagerly cost ~40 us); the detailed checks run only to explain a failure."""
+    qs, ks = q.shape, k_cache.shape
+    ok = (q.dim() == 3 and len(ks) == 4 and ks == v_cache.shape and k_cache.stride() == v_cache.stride()
+          and ks[3] == qs[2] and qs[1] % ks[2] == 0 and q.dtype == k_cache.dtype == v_cache.dtype
+          and q.dtype in SUPPORTED_DTYPES and q.stride(2) == 1 and k_cache.stride(3) == 1
+          and block_tables.dtype == query_start_loc.dtype == seq_lens.dtype == torch.int32
+          and block_tables.dim() == 2 and block_tables.stride(1) == 1
+          and query_start_loc.shape[0] == seq_lens.shape[0] + 1 and block_tables.shape[0] >= seq_lens.shape[0])
+    if not ok:
+        _explain_bad_inputs(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens)
+
+
+def _explain_bad_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                        query_start_loc: torch.Tensor, seq_lens: torch.Tensor) -> None:
+    check(q.dim() == 3, f"q must be [tokens, heads, head_dim], got shape {tuple(q.shape)}")
+    check(k_cache.dim() == 4 and k_cache.shape == v_cache.shape,
+          f"k_cache/v_cache must both be [blocks, block_size, kv_heads, head_dim], got "
+          f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    check(k_cache.stride() == v_cache.stride(), "k_cache and v_cache must have the same strides")
+    check(k_cache.shape[3] == q.shape[2], f"head_dim differs: q {q.shape[2]}, cache {k_cache.shape[3]}")
+    check(q.shape[1] % k_cache.shape[2] == 0,
+          f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k_cache.shape[2]})")
+    check(q.dtype == k_cache.dtype == v_cache.dtype, f"dtypes differ: q {q.dtype}, cache {k_cache.dtype}")
+    check_dtype("q", q)
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        check_last_dim_contiguous(name, t)
+    for name, t in (("block_tables", block_tables), ("query_start_loc", query_start_loc), ("seq_lens", seq_lens)):
+        check(t.dtype == torch.int32, f"{name} must be int32, got {t.dtype}")
+    check(block_tables.dim() == 2 and block_tables.stride(1) == 1, "block_tables must be [batch, max_blocks], row-major")
+    batch = seq_lens.shape[0]
+    check(query_start_loc.shape[0] == batch + 1 and block_tables.shape[0] >= batch,
+          f"batch sizes disagree: seq_lens {batch}, query_start_loc {query_start_loc.shape[0]}, "
+          f"block_tables {block_tables.shape[0]}")
+    raise KernelInputError("paged_attention: inputs rejected")  # unreachable unless the two checks drift
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float, max_query_len: int,
+                    max_seq_len: int, *, config: AttentionConfig | None = None,
+                    num_splits: int | None = None) -> torch.Tensor:
+    """Causal attention of q[T, Hq, D] over each sequence's paged context; returns out[T, Hq, D].
+
+    Query token i of sequence b sits at position seq_lens[b] - q_len_b + i and sees positions
+    <= that. max_query_len must be >= every q_len (it sizes the prefill grid); max_seq_len only
+    tunes the decode split count. `config` and `num_splits` override the defaults (tuning, tests).
+    """
+    _check_inputs(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens)
+    out = torch.empty_like(q)
+    batch = seq_lens.shape[0]
+    if q.shape[0] == 0 or batch == 0:
+        return out
+    cfg = config or default_config(q.shape[2], q.dtype)
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    kv_heads = k_cache.shape[2]
+    common = dict(HEAD_DIM=head_dim, D_PAD=next_pow2(head_dim), BLOCK_SIZE=k_cache.shape[1],
+                  UPCAST=upcast_dots(q), PREC=dot_precision(q.dtype))
+    strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
+               k_cache.stride(2), block_tables.stride(0))
+    scale_log2 = float(scale) * LOG2E
+    if max_query_len > 1:
+        m_blocks = math.ceil(max_query_len / cfg.prefill_block_m)
+        prefill_kernel[(batch * m_blocks, num_heads)](
+            q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, scale_log2, m_blocks, *strides,
+            GQA=num_heads // kv_heads, BLOCK_M=cfg.prefill_block_m, BLOCK_N=cfg.prefill_block_n, MIN_Q_LEN=2,
+            num_warps=cfg.prefill_warps, num_stages=cfg.prefill_stages, **common)
+    _decode(q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, scale_log2, max_seq_len,
+            strides, common, cfg, num_splits)
+    return out
+
+
+def _decode(q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, scale_log2: float,
+            max_seq_len: int, strides: tuple, common: dict, cfg: AttentionConfig, num_splits: int | None) -> None:
+    """Launch the split-KV decode kernel (and its reduction when the context is split)."""
+    batch, num_heads, kv_heads = seq_lens.shape[0], q.shape[1], k_cache.shape[2]
+    gqa = num_heads // kv_heads
+    splits = num_splits or choose_num_splits(batch, kv_heads, max_seq_len, cfg, device_sms(q))
+    if splits > 1:
+        part_out = torch.empty((batch, num_heads, splits, q.shape[2]), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = out  # unused: the kernel writes the output directly
+    decode_kernel[(batch, kv_heads, splits)](
+        q, k_cache, v_cache, out, part_out, part_lse, block_tables, query_start_loc, seq_lens, scale_log2,
+        splits, *strides, GQA=gqa, G_PAD=max(16, next_pow2(gqa)), BLOCK_N=cfg.decode_block_n,
+        DIRECT_OUT=splits == 1, num_warps=cfg.decode_warps, num_stages=cfg.decode_stages, **common)
+    if splits > 1:
+        reduce_kernel[(batch, num_heads)](
+            out, part_out, part_lse, query_start_loc, splits, out.stride(0), out.stride(1),
+            HEAD_DIM=common["HEAD_DIM"], D_PAD=common["D_PAD"], S_PAD=next_pow2(splits), num_warps=4)
