@@ -2,13 +2,18 @@
 
 ``InputBatch.apply`` folds a SchedulerOutput into the state (new, resumed, cached, finished,
 preempted requests); ``InputBatch.prepare`` turns it into ``ModelInputs`` with numpy
-vectorised index arithmetic, staged in pinned CPU buffers (on CUDA) and copied with
-``non_blocking``. The buffers are reused step after step: the previous step's copies are done
-by then, because each step ends by reading the sampled ids back to the host.
+vectorised index arithmetic over per-row arrays (no per-token Python, and per request only
+O(1) list work), staged in pinned CPU buffers and copied with one ``non_blocking`` copy per
+buffer into persistent device buffers. A decode-only step whose batch size has a CUDA graph
+is padded to that size: the persistent device buffers are the graphs' static inputs.
+
+Buffer reuse is safe because each step ends by reading the sampled ids back to the host:
+the previous step's copies (and the kernels reading the device buffers) are done by then.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 from dataclasses import dataclass
 
@@ -16,6 +21,7 @@ import numpy as np
 import torch
 
 from kiln.runtime.attention import AttentionMetadata
+from kiln.runtime.sampler import SamplingMetadata, SamplingRows
 from kiln.scheduler.interface import SchedulerOutput
 from kiln.scheduler.sampling_params import SamplingParams
 
@@ -28,60 +34,115 @@ class InvalidRequestError(ValueError):
 
 @dataclass
 class RequestState:
-    """One request's runner-side state. ``num_tokens`` counts the valid ids in its token row."""
+    """One request's runner-side state; its token counts live in InputBatch's row arrays."""
 
     row: int
     num_prompt_tokens: int
-    num_tokens: int
-    num_computed_tokens: int
-    num_blocks: int
     sampling_params: SamplingParams
     generator: torch.Generator | None
 
 
 @dataclass
 class ModelInputs:
-    """Device tensors of one step (DESIGN.md "Flattened batch tensors")."""
+    """Device tensors of one step (DESIGN.md "Flattened batch tensors").
+
+    ``graph_batch_size`` is set for a decode-only step padded to a captured CUDA-graph size;
+    then every tensor is a view of the static buffers and ``num_reqs`` rows are real.
+    """
 
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
     attn: AttentionMetadata
-    logits_indices: torch.Tensor  # [S] int64
+    logits_indices: torch.Tensor | None  # [S] int64; None = every row
+    num_reqs: int = 0
+    graph_batch_size: int | None = None
 
 
 @dataclass
 class SamplingBatch:
-    """The requests sampled this step, in logits row order, with what the sampler needs."""
+    """The requests sampled this step, in logits row order.
+
+    ``metadata`` is None when every one is plain greedy (the sampler is then a bare argmax);
+    ``logprobs[i]`` is the number of top logprobs request i wants, -1 for none.
+    """
 
     request_ids: list[str]
-    params: list[SamplingParams]
-    generators: list[torch.Generator | None]
-    prompt_ids: list[list[int]]
-    output_ids: list[list[int]]
+    metadata: SamplingMetadata | None
+    logprobs: np.ndarray
 
 
 class _Staging:
-    """Reusable host buffers (pinned on CUDA) and their device copies, one per input tensor."""
+    """One pinned host byte buffer and one persistent device byte buffer, carved into a
+    typed region per input tensor at fixed offsets, so a step is ONE host-to-device copy.
 
-    def __init__(self, sizes: dict[str, tuple[int, ...]], dtypes: dict[str, torch.dtype], device: torch.device):
-        pin = device.type == "cuda"
-        self.host = {k: torch.zeros(sizes[k], dtype=dtypes[k], pin_memory=pin) for k in sizes}
-        self.device = device
+    Invariants: ``dev[name]`` never moves (CUDA graphs captured on its views stay valid);
+    staged values reach the device only at ``flush``, which copies the byte prefix up to
+    the highest staged end (the small regions come first, block tables last). Block tables
+    are staged compactly ([B, max_blocks]) and, for graphs, scattered into the full-width
+    ``block_tables`` by one device copy.
+    """
 
-    def to_device(self, name: str, values: np.ndarray) -> torch.Tensor:
-        buf = self.host[name][tuple(slice(0, n) for n in values.shape)]
-        buf.copy_(torch.from_numpy(values))
-        if self.device.type == "cpu":
-            return buf.clone()  # the host buffer is overwritten next step
-        return buf.to(self.device, non_blocking=True)
+    def __init__(self, max_tokens: int, max_reqs: int, max_blocks_per_seq: int, device: torch.device) -> None:
+        regions = [("seq_lens", torch.int32, max_reqs), ("query_start_loc", torch.int32, max_reqs + 1),
+                   ("logits_indices", torch.int64, max_reqs), ("input_ids", torch.int64, max_tokens),
+                   ("positions", torch.int64, max_tokens), ("slot_mapping", torch.int64, max_tokens),
+                   ("block_tables", torch.int32, max_reqs * max_blocks_per_seq)]
+        self.offset: dict[str, int] = {}
+        total = 0
+        for name, dtype, count in regions:
+            self.offset[name] = total
+            total += -(-count * dtype.itemsize // 256) * 256  # 256-byte aligned regions
+        self.host_bytes = torch.zeros(total, dtype=torch.uint8, pin_memory=device.type == "cuda")
+        self.dev_bytes = torch.zeros(total, dtype=torch.uint8, device=device)
+        self.on_cpu = device.type == "cpu"
+        self.host_np_bytes = self.host_bytes.numpy()
+        self.dev_np = self.dev_bytes.numpy() if self.on_cpu else None
+        self.host_np: dict[str, np.ndarray] = {}
+        self.dev: dict[str, torch.Tensor] = {}
+        self.itemsize: dict[str, int] = {}
+        for name, dtype, count in regions:
+            lo, hi = self.offset[name], self.offset[name] + count * dtype.itemsize
+            self.host_np[name] = self.host_bytes[lo:hi].view(dtype).numpy()
+            self.dev[name] = self.dev_bytes[lo:hi].view(dtype)
+            self.itemsize[name] = dtype.itemsize
+        self.end = 0
+        self.block_tables = torch.zeros((max_reqs, max_blocks_per_seq), dtype=torch.int32, device=device)
+        # Decode steps (one token per request) always have query_start_loc = arange.
+        self.decode_qsl = torch.arange(max_reqs + 1, dtype=torch.int32, device=device)
+
+    def stage(self, name: str, values: np.ndarray) -> torch.Tensor:
+        """Write values into the host region; returns the device view they land in at flush."""
+        n = values.size
+        self.host_np[name][:n] = values.reshape(-1)
+        self.end = max(self.end, self.offset[name] + n * self.itemsize[name])
+        return self.dev[name][:n]
+
+    def flush(self) -> None:
+        if not self.end:
+            return
+        if self.on_cpu:  # numpy: torch's CPU byte copy is orders of magnitude slower
+            self.dev_np[: self.end] = self.host_np_bytes[: self.end]
+        else:
+            self.dev_bytes[: self.end].copy_(self.host_bytes[: self.end], non_blocking=True)
+        self.end = 0
+
+    def stage_block_table(self, table: np.ndarray) -> torch.Tensor:
+        return self.stage("block_tables", table).view(table.shape)
+
+    def scatter_block_table(self, compact: torch.Tensor) -> torch.Tensor:
+        """After flush: the compact table copied into the full-width one (graph layout)."""
+        rows, cols = compact.shape
+        self.block_tables[:rows, :cols].copy_(compact)
+        return self.block_tables[:rows]
 
 
 class InputBatch:
     """Per-request state keyed by request_id, stored in preallocated numpy rows.
 
     Invariants: every live request owns one row of ``token_ids`` ([max_batch_size,
-    max_model_len + 1]) and ``block_table``; ``free_rows`` holds exactly the other rows; ids
-    in a row are valid token ids (< vocab_size) up to ``num_tokens``.
+    max_model_len + 1]), ``block_table`` and the per-row counters (``num_tokens``,
+    ``num_computed``, ``num_blocks``) and sampling settings; ``free_rows`` holds exactly the
+    other rows; ids in a row are valid token ids (< vocab_size) up to ``num_tokens[row]``.
     """
 
     def __init__(
@@ -94,22 +155,14 @@ class InputBatch:
         self.max_blocks_per_seq = -(-(max_model_len + 1) // block_size)
         self.token_ids = np.zeros((max_batch_size, max_model_len + 1), dtype=np.int64)
         self.block_table = np.zeros((max_batch_size, self.max_blocks_per_seq), dtype=np.int32)
+        self.num_tokens = np.zeros(max_batch_size, dtype=np.int64)
+        self.num_computed = np.zeros(max_batch_size, dtype=np.int64)
+        self.num_blocks_of = np.zeros(max_batch_size, dtype=np.int64)
+        self.sampling = SamplingRows(max_batch_size)
         self.requests: dict[str, RequestState] = {}
         self.free_rows = list(range(max_batch_size - 1, -1, -1))
-        max_tokens = max(max_num_tokens, max_batch_size)
-        self.staging = _Staging(
-            sizes={
-                "input_ids": (max_tokens,), "positions": (max_tokens,), "slot_mapping": (max_tokens,),
-                "block_tables": (max_batch_size, self.max_blocks_per_seq), "seq_lens": (max_batch_size,),
-                "query_start_loc": (max_batch_size + 1,), "logits_indices": (max_batch_size,),
-            },
-            dtypes={
-                "input_ids": torch.int64, "positions": torch.int64, "slot_mapping": torch.int64,
-                "block_tables": torch.int32, "seq_lens": torch.int32, "query_start_loc": torch.int32,
-                "logits_indices": torch.int64,
-            },
-            device=device,
-        )
+        self.staging = _Staging(max(max_num_tokens, max_batch_size), max_batch_size, self.max_blocks_per_seq, device)
+        self.graph_sizes: list[int] = []  # sorted batch sizes with a captured decode graph
 
     # ------------------------------------------------------------------ state
 
@@ -131,8 +184,9 @@ class InputBatch:
             try:
                 if state is None:
                     raise InvalidRequestError("unknown request id (it failed or was never added)")
-                self._append_blocks(state, cached.new_block_ids)
-                state.num_computed_tokens = cached.num_computed_tokens
+                if cached.new_block_ids:
+                    self._append_blocks(state.row, cached.new_block_ids)
+                self.num_computed[state.row] = cached.num_computed_tokens
             except InvalidRequestError as exc:
                 logger.warning("request %s failed in the runner: %s", cached.request_id, exc)
                 self.remove(cached.request_id)
@@ -154,113 +208,215 @@ class InputBatch:
         if params.seed is not None:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(params.seed)
-        state = RequestState(self.free_rows[-1], num_prompt_tokens, len(ids), num_computed_tokens, 0, params, generator)
-        self._append_blocks(state, block_ids)
+        row = self.free_rows[-1]
+        self.num_blocks_of[row] = 0
+        self._append_blocks(row, block_ids)
         self.free_rows.pop()
-        self.token_ids[state.row, : len(ids)] = ids
-        self.requests[request_id] = state
+        self.token_ids[row, : len(ids)] = ids
+        self.num_tokens[row] = len(ids)
+        self.num_computed[row] = num_computed_tokens
+        self.sampling.set(row, params)
+        self.requests[request_id] = RequestState(row, num_prompt_tokens, params, generator)
 
-    def _append_blocks(self, state: RequestState, block_ids: list[int]) -> None:
+    def _append_blocks(self, row: int, block_ids: list[int]) -> None:
         if not block_ids:
             return
         blocks = np.asarray(block_ids, dtype=np.int64)
-        if state.num_blocks + len(blocks) > self.max_blocks_per_seq:
+        have = int(self.num_blocks_of[row])
+        if have + len(blocks) > self.max_blocks_per_seq:
             raise InvalidRequestError(f"more than {self.max_blocks_per_seq} KV blocks for one sequence")
         if blocks.min() < 0 or blocks.max() >= self.num_blocks:
             raise InvalidRequestError(f"KV block id out of range [0, {self.num_blocks})")
-        self.block_table[state.row, state.num_blocks : state.num_blocks + len(blocks)] = blocks
-        state.num_blocks += len(blocks)
+        self.block_table[row, have : have + len(blocks)] = blocks
+        self.num_blocks_of[row] = have + len(blocks)
 
     def remove(self, request_id: str) -> None:
         state = self.requests.pop(request_id, None)
         if state is not None:
             self.free_rows.append(state.row)
 
-    def append_sampled(self, request_id: str, token_id: int) -> None:
-        """Record a sampled token; the scheduler stops a request before its row overflows."""
-        state = self.requests[request_id]
-        if state.num_tokens <= self.max_model_len:
-            self.token_ids[state.row, state.num_tokens] = token_id
-            state.num_tokens += 1
+    def append_sampled(self, rows: np.ndarray, token_ids: np.ndarray) -> None:
+        """Record one sampled token per row; the scheduler stops a request before its row
+        overflows, the clip only guards the array bound."""
+        at = np.minimum(self.num_tokens[rows], self.max_model_len)
+        self.token_ids[rows, at] = token_ids
+        self.num_tokens[rows] = at + 1
 
     # ------------------------------------------------------------------ tensors
 
     def check_scheduled(self, so: SchedulerOutput) -> set[str]:
         """Scheduled ids this step cannot run: unknown, past their known tokens, or without
-        KV blocks for their positions. One check per request, not per token."""
-        bad: set[str] = set()
-        for request_id, count in so.num_scheduled_tokens.items():
-            state = self.requests.get(request_id)
-            if state is None:
-                bad.add(request_id)
-                continue
-            end = state.num_computed_tokens + count
-            if end > state.num_tokens or -(-end // self.block_size) > state.num_blocks:
-                logger.warning(
-                    "request %s scheduled up to token %d but has %d tokens and %d blocks",
-                    request_id, end, state.num_tokens, state.num_blocks,
-                )
-                bad.add(request_id)
+        KV blocks for their positions. Vectorised over the scheduled requests."""
+        scheduled = so.num_scheduled_tokens
+        requests = self.requests
+        if all(r in requests for r in scheduled):  # the common case, without per-request lists
+            rows = np.fromiter((requests[r].row for r in scheduled), dtype=np.int64, count=len(scheduled))
+            counts = np.fromiter(scheduled.values(), dtype=np.int64, count=len(scheduled))
+            end = self.num_computed[rows] + counts
+            if not ((end > self.num_tokens[rows]) | (-(-end // self.block_size) > self.num_blocks_of[rows])).any():
+                return set()
+        ids = list(scheduled)
+        states = [requests.get(r) for r in ids]
+        bad = {r for r, s in zip(ids, states) if s is None}
+        known = [(r, s.row) for r, s in zip(ids, states) if s is not None]
+        if not known:
+            return bad
+        rows = np.fromiter((row for _, row in known), dtype=np.int64, count=len(known))
+        counts = np.fromiter((so.num_scheduled_tokens[r] for r, _ in known), dtype=np.int64, count=len(known))
+        end = self.num_computed[rows] + counts
+        wrong = (end > self.num_tokens[rows]) | (-(-end // self.block_size) > self.num_blocks_of[rows])
+        for i in np.flatnonzero(wrong):
+            r, row = known[i]
+            logger.warning("request %s scheduled up to token %d but has %d tokens and %d blocks",
+                           r, end[i], self.num_tokens[row], self.num_blocks_of[row])
+            bad.add(r)
         return bad
 
-    def prepare(self, so: SchedulerOutput, skip: set[str]) -> tuple[ModelInputs, SamplingBatch] | None:
+    def prepare(self, so: SchedulerOutput, skip: set[str]) -> tuple[ModelInputs, SamplingBatch, np.ndarray] | None:
         """Build the step's device tensors for every scheduled request not in ``skip``.
 
-        Returns None when nothing is left to run. Tokens of request b run at positions
-        ``num_computed_tokens .. num_computed_tokens + n_b``; it is sampled when that range
-        reaches its known tokens.
+        Returns None when nothing is left to run, else (inputs, sampling, sampled rows).
+        Tokens of request b run at positions ``num_computed .. num_computed + n_b``; it is
+        sampled when that range reaches its known tokens.
         """
-        order = [r for r in so.order if r not in skip and so.num_scheduled_tokens.get(r, 0) > 0]
+        scheduled = so.num_scheduled_tokens
+        order = [r for r in so.order if scheduled.get(r, 0) > 0 and r not in skip]
         if not order:
             return None
-        states = [self.requests[r] for r in order]
-        rows = np.fromiter((s.row for s in states), dtype=np.int64, count=len(states))
-        starts = np.fromiter((s.num_computed_tokens for s in states), dtype=np.int64, count=len(states))
-        counts = np.fromiter((so.num_scheduled_tokens[r] for r in order), dtype=np.int64, count=len(states))
-        known = np.fromiter((s.num_tokens for s in states), dtype=np.int64, count=len(states))
+        requests = self.requests
+        rows = np.fromiter((requests[r].row for r in order), dtype=np.int64, count=len(order))
+        counts = np.fromiter((scheduled[r] for r in order), dtype=np.int64, count=len(order))
+        starts = self.num_computed[rows]
+        seq_lens = starts + counts
+        sampled = np.flatnonzero(seq_lens >= self.num_tokens[rows])
+        num_tokens = int(counts.sum())
+        decode_only = num_tokens == len(order) == len(sampled)
+        if decode_only:
+            inputs = self._decode_inputs(rows, starts)
+        else:
+            inputs = self._mixed_inputs(rows, starts, counts, seq_lens, sampled)
+        sampled_ids = order if len(sampled) == len(order) else [order[i] for i in sampled]
+        sampled_rows = rows[sampled]
+        return inputs, self._sampling_batch(sampled_ids, sampled_rows), sampled_rows
 
-        query_start_loc = np.zeros(len(order) + 1, dtype=np.int64)
+    def _mixed_inputs(self, rows: np.ndarray, starts: np.ndarray, counts: np.ndarray, seq_lens: np.ndarray,
+                      sampled: np.ndarray) -> ModelInputs:
+        query_start_loc = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(counts, out=query_start_loc[1:])
         num_tokens = int(query_start_loc[-1])
-        seq_lens = starts + counts
         # Position of flattened token t: its sequence's start plus its offset in the chunk.
         token_rows = np.repeat(rows, counts)
         positions = np.repeat(starts - query_start_loc[:-1], counts) + np.arange(num_tokens)
-        input_ids = self.token_ids[token_rows, positions]
         block_ids = self.block_table[token_rows, positions // self.block_size].astype(np.int64)
-        slot_mapping = block_ids * self.block_size + positions % self.block_size
-
-        sampled = np.flatnonzero(seq_lens >= known)
-        logits_indices = query_start_loc[1:][sampled] - 1
         max_blocks = -(-int(seq_lens.max()) // self.block_size)
-
-        stage = self.staging.to_device
+        staging = self.staging
+        stage = staging.stage
         inputs = ModelInputs(
-            input_ids=stage("input_ids", input_ids),
+            input_ids=stage("input_ids", self.token_ids[token_rows, positions]),
             positions=stage("positions", positions),
             attn=AttentionMetadata(
-                slot_mapping=stage("slot_mapping", slot_mapping),
-                block_tables=stage("block_tables", self.block_table[rows, :max_blocks]),
-                seq_lens=stage("seq_lens", seq_lens.astype(np.int32)),
-                query_start_loc=stage("query_start_loc", query_start_loc.astype(np.int32)),
+                slot_mapping=stage("slot_mapping", block_ids * self.block_size + positions % self.block_size),
+                block_tables=staging.stage_block_table(self.block_table[rows, :max_blocks]),
+                seq_lens=stage("seq_lens", seq_lens),
+                query_start_loc=stage("query_start_loc", query_start_loc),
                 max_query_len=int(counts.max()),
                 max_seq_len=int(seq_lens.max()),
             ),
-            logits_indices=stage("logits_indices", logits_indices),
+            logits_indices=stage("logits_indices", query_start_loc[1:][sampled] - 1),
+            num_reqs=len(rows),
         )
-        return inputs, self._sampling_batch([order[i] for i in sampled])
+        staging.flush()
+        return inputs
 
-    def _sampling_batch(self, request_ids: list[str]) -> SamplingBatch:
+    def _decode_inputs(self, rows: np.ndarray, positions: np.ndarray) -> ModelInputs:
+        """One token per request, all sampled; padded to a CUDA-graph size when one fits.
+
+        Padding rows write no KV (slot -1) and attend to one position of block 0 (seq_len 1):
+        harmless reads whose results are dropped.
+        """
+        n = len(rows)
+        index = bisect.bisect_left(self.graph_sizes, n)
+        size = self.graph_sizes[index] if index < len(self.graph_sizes) else None
+        padded = size or n
+        seq_lens = np.ones(padded, dtype=np.int32)
+        seq_lens[:n] = positions + 1
+        max_blocks = -(-int(seq_lens[:n].max()) // self.block_size)
+        table = np.zeros((padded, max_blocks), dtype=np.int32)
+        table[:n] = self.block_table[rows, :max_blocks]
+        slots = np.full(padded, -1, dtype=np.int64)
+        blocks = self.block_table[rows, positions // self.block_size].astype(np.int64)
+        slots[:n] = blocks * self.block_size + positions % self.block_size
+        pos = np.zeros(padded, dtype=np.int64)
+        pos[:n] = positions
+        ids = np.zeros(padded, dtype=np.int64)
+        ids[:n] = self.token_ids[rows, positions]
+        staging = self.staging
+        stage = staging.stage
+        input_ids, positions_t = stage("input_ids", ids), stage("positions", pos)
+        slot_mapping, seq_lens_t = stage("slot_mapping", slots), stage("seq_lens", seq_lens)
+        block_tables = staging.stage_block_table(table)
+        staging.flush()
+        if size is not None:
+            block_tables = staging.scatter_block_table(block_tables)
+        return ModelInputs(
+            input_ids=input_ids,
+            positions=positions_t,
+            attn=AttentionMetadata(
+                slot_mapping=slot_mapping,
+                block_tables=block_tables,
+                seq_lens=seq_lens_t,
+                # Decode: query_start_loc is always arange; the device buffer is kept that way.
+                query_start_loc=self.staging.decode_qsl[: padded + 1],
+                max_query_len=1,
+                max_seq_len=int(seq_lens[:n].max()),
+            ),
+            logits_indices=None,
+            num_reqs=n,
+            graph_batch_size=size,
+        )
+
+    def static_decode_inputs(self, size: int) -> ModelInputs:
+        """The static views a decode graph of ``size`` rows is captured on, filled with
+        padding values (no KV writes), so capturing touches no request's cache."""
+        staging = self.staging
+        staging.dev["input_ids"][:size].zero_()
+        staging.dev["positions"][:size].zero_()
+        staging.dev["slot_mapping"][:size].fill_(-1)
+        staging.dev["seq_lens"][:size].fill_(1)
+        staging.block_tables[:size].zero_()
+        return ModelInputs(
+            input_ids=staging.dev["input_ids"][:size],
+            positions=staging.dev["positions"][:size],
+            attn=AttentionMetadata(
+                slot_mapping=staging.dev["slot_mapping"][:size],
+                block_tables=staging.block_tables[:size],
+                seq_lens=staging.dev["seq_lens"][:size],
+                query_start_loc=staging.decode_qsl[: size + 1],
+                max_query_len=1,
+                # The kernels size their launch grids from this bound, so a graph serves any length.
+                max_seq_len=self.max_model_len,
+            ),
+            logits_indices=None,
+            num_reqs=size,
+            graph_batch_size=size,
+        )
+
+    def _sampling_batch(self, request_ids: list[str], rows: np.ndarray) -> SamplingBatch:
+        sampling = self.sampling
+        logprobs = sampling.logprobs[rows]
+        if sampling.plain_greedy(rows):
+            return SamplingBatch(request_ids, None, logprobs)
         states = [self.requests[r] for r in request_ids]
-        params = [s.sampling_params for s in states]
         prompt_ids: list[list[int]] = []
         output_ids: list[list[int]] = []
         for s in states:  # per sampled request, and only for those using penalties
-            if s.sampling_params.needs_penalties:
+            if sampling.penalties[s.row]:
                 row = self.token_ids[s.row]
                 prompt_ids.append(row[: s.num_prompt_tokens].tolist())
-                output_ids.append(row[s.num_prompt_tokens : s.num_tokens].tolist())
+                output_ids.append(row[s.num_prompt_tokens : self.num_tokens[s.row]].tolist())
             else:
                 prompt_ids.append([])
                 output_ids.append([])
-        return SamplingBatch(request_ids, params, [s.generator for s in states], prompt_ids, output_ids)
+        metadata = sampling.metadata(rows, [s.generator for s in states], prompt_ids, output_ids,
+                                     self.vocab_size, self.device)
+        return SamplingBatch(request_ids, metadata, logprobs)

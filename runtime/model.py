@@ -10,7 +10,7 @@ and decode tokens and has no per-sequence Python loop.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +90,7 @@ class DecoderLayer:
         self.q_size = shape.num_heads * shape.head_size
         self.kv_size = shape.num_kv_heads * shape.head_size
         self.scale = shape.head_size**-0.5
+        self.rotary_and_write_kv = _fused_rotary_kv(ops)
 
     def attention(
         self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, kv: torch.Tensor, attn: AttentionMetadata
@@ -102,8 +103,11 @@ class DecoderLayer:
         if s.qk_norm:
             q = rms_norm(q, self.q_norm, s.norm_eps)
             k = rms_norm(k, self.k_norm, s.norm_eps)
-        q, k = ops.apply_rotary(q, k, positions, cos_sin)
-        ops.write_kv_cache(k, v, kv[0], kv[1], attn.slot_mapping)
+        if self.rotary_and_write_kv is not None:  # one launch instead of two
+            q = self.rotary_and_write_kv(q, k, v, positions, cos_sin, kv[0], kv[1], attn.slot_mapping)
+        else:
+            q, k = ops.apply_rotary(q, k, positions, cos_sin)
+            ops.write_kv_cache(k, v, kv[0], kv[1], attn.slot_mapping)
         out = ops.paged_attention(
             q, kv[0], kv[1], attn.block_tables, attn.query_start_loc, attn.seq_lens,
             self.scale, attn.max_query_len, attn.max_seq_len,
@@ -125,6 +129,18 @@ class DecoderLayer:
         x, residual = self.ops.fused_add_rms_norm(x, residual, self.post_norm, eps)
         x = self.down(self.ops.silu_and_mul(self.gate_up(x)))
         return x, residual
+
+
+def _fused_rotary_kv(ops: KernelSet) -> Callable[..., torch.Tensor] | None:
+    """The Triton kernel fusing rotary and the KV write, when the model runs on exactly the
+    Triton rotary and KV-write kernels it replaces (it is not a Kernel-API op of its own)."""
+    if ops.name != "triton":
+        return None
+    from kiln.runtime import kernels
+
+    fused = getattr(kernels, "rotary_and_write_kv", None)
+    replaces_both = ops.apply_rotary is kernels.apply_rotary and ops.write_kv_cache is kernels.write_kv_cache
+    return fused if replaces_both else None
 
 
 class LlamaFamilyModel:
@@ -198,11 +214,12 @@ class LlamaFamilyModel:
         positions: torch.Tensor,
         kv_caches: list[torch.Tensor],
         attn: AttentionMetadata,
-        logits_indices: torch.Tensor,
+        logits_indices: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Run the batch and return logits only for ``logits_indices`` (the sampled tokens)."""
+        """Run the batch and return logits only for ``logits_indices`` (the sampled tokens;
+        None = every token, as in a decode step)."""
         hidden = self.hidden_states(input_ids, positions, kv_caches, attn)
-        return self.logits(hidden[logits_indices])
+        return self.logits(hidden if logits_indices is None else hidden[logits_indices])
 
     __call__ = forward
 

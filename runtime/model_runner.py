@@ -2,12 +2,13 @@
 
 The runner decides nothing about who runs: it holds the model, the KV cache and the
 per-request ``InputBatch``, and turns each plan into tensors and the sampled tokens back into
-Python lists with one host sync per step. Hooks for the later fast path (CUDA graphs for
-decode-only batches, CPU/GPU overlap) are the ``_forward`` seam; they are not built yet.
+Python lists with one host sync per step. Decode-only steps replay CUDA graphs
+(runtime/cuda_graphs.py) unless ``enforce_eager``; everything else runs eagerly.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 
 from kiln.runtime.attention import AttentionMetadata, select_kernels
 from kiln.runtime.config import EngineConfig
+from kiln.runtime.cuda_graphs import DecodeGraphs, graph_batch_sizes, graph_memory_estimate
 from kiln.runtime.input_batch import InputBatch, ModelInputs, SamplingBatch
 from kiln.runtime.kv_cache import KVCache, KVCacheSpec, cpu_num_blocks, explicit_num_blocks, gpu_num_blocks
 from kiln.runtime.model import LlamaFamilyModel, config_value
@@ -59,6 +61,40 @@ class ModelRunner:
             engine_config.max_batch_size, self.max_model_len, engine_config.max_num_tokens,
             self.block_size, self.num_blocks, self.vocab_size, self.device,
         )
+        self.graphs: DecodeGraphs | None = None
+        if self._use_graphs():
+            self.enable_decode_graphs(use_graphs=True)
+            # Everything allocated so far (modules, weights' wrappers, graphs) lives as long as
+            # the process: keep it out of the cyclic GC, whose full passes over it cost
+            # tens of milliseconds and otherwise land in random decode steps.
+            gc.collect()
+            gc.freeze()
+
+    # ------------------------------------------------------------------ CUDA graphs
+
+    @property
+    def graph_sizes(self) -> list[int]:
+        return graph_batch_sizes(min(self.config.max_batch_size, self.config.max_num_tokens))
+
+    def _use_graphs(self) -> bool:
+        if self.config.enforce_eager or self.device.type != "cuda":
+            return False
+        if self.kernels.name != "triton":
+            # The torch reference ops sync with the host (boolean masks), which a capture forbids.
+            logger.warning("CUDA graphs need the Triton kernels (ops are %r); running eagerly", self.kernels.name)
+            return False
+        return True
+
+    def enable_decode_graphs(self, use_graphs: bool) -> None:
+        """Capture decode graphs (``use_graphs=False``: run the same padded static inputs
+        eagerly, which lets CPU tests check the padding path)."""
+        self.graphs = DecodeGraphs(self._graph_body, self.input_batch.static_decode_inputs, self.graph_sizes,
+                                   use_graphs)
+        self.graphs.capture()
+        self.input_batch.graph_sizes = self.graphs.sizes
+
+    def _graph_body(self, inputs: ModelInputs) -> torch.Tensor:
+        return self.model.hidden_states(inputs.input_ids, inputs.positions, self.kv_cache.kv, inputs.attn)
 
     # ------------------------------------------------------------------ KV sizing
 
@@ -69,7 +105,38 @@ class ModelRunner:
         if self.device.type != "cuda":
             return cpu_num_blocks(spec, self.max_model_len)
         peak = self._profile_peak_memory(spec)
+        if self._use_graphs():
+            peak += self._graph_memory_estimate(spec)
         return gpu_num_blocks(spec, self.device, cfg.kv_cache_fraction, peak, self.max_model_len)
+
+    @torch.inference_mode()
+    def _graph_memory_estimate(self, spec: KVCacheSpec) -> int:
+        """Memory the decode graphs will hold: one eager decode forward at the largest graph
+        size (on a one-block scratch cache, no KV writes) measures the shared pool's size."""
+        sizes = self.graph_sizes
+        size, dev = sizes[-1], self.device
+        scratch = KVCache(spec, 1, dev)
+        attn = AttentionMetadata(
+            slot_mapping=torch.full((size,), -1, dtype=torch.int64, device=dev),
+            block_tables=torch.zeros((size, 1), dtype=torch.int32, device=dev),
+            seq_lens=torch.ones(size, dtype=torch.int32, device=dev),
+            query_start_loc=torch.arange(size + 1, dtype=torch.int32, device=dev),
+            max_query_len=1, max_seq_len=self.max_model_len,
+        )
+        ids = torch.zeros(size, dtype=torch.int64, device=dev)
+        torch.cuda.synchronize(dev)
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        self.model.hidden_states(ids, ids, scratch.kv, attn)
+        torch.cuda.synchronize(dev)
+        activations = torch.cuda.max_memory_allocated(dev) - base
+        del scratch, attn, ids
+        torch.cuda.empty_cache()
+        estimate = graph_memory_estimate(activations, sizes, self.model.shape.hidden_size,
+                                         torch.empty((), dtype=self.dtype).element_size())
+        logger.info("decode graphs: %d sizes up to %d, memory kept free for them %.3f GiB",
+                    len(sizes), size, estimate / 2**30)
+        return estimate
 
     @torch.inference_mode()
     def _profile_peak_memory(self, spec: KVCacheSpec) -> int:
@@ -120,6 +187,7 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ step
 
+    @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         """Run one step; a request that cannot be prepared fails alone (failed_request_ids)."""
         batch = self.input_batch
@@ -131,38 +199,37 @@ class ModelRunner:
         prepared = batch.prepare(scheduler_output, skip=failed)
         if prepared is None:
             return output
-        inputs, sampling = prepared
+        inputs, sampling, rows = prepared
         logits = self._forward(inputs)
         if not sampling.request_ids:
             return output
         sampled = self._sample(logits, sampling)
-        self._collect(sampling, sampled, output)
+        self._collect(sampling, rows, sampled, output)
         return output
 
     def _forward(self, inputs: ModelInputs) -> torch.Tensor:
-        # The seam for CUDA graphs of decode-only batches (not built yet; enforce_eager).
+        if inputs.graph_batch_size is not None and self.graphs is not None:
+            hidden = self.graphs.replay(inputs.graph_batch_size)
+            return self.model.logits(hidden[: inputs.num_reqs])
         return self.model(inputs.input_ids, inputs.positions, self.kv_cache.kv, inputs.attn, inputs.logits_indices)
 
     def _sample(self, logits: torch.Tensor, sampling: SamplingBatch) -> SamplerOutput:
-        metadata = SamplingMetadata.build(
-            sampling.params, sampling.generators, sampling.prompt_ids, sampling.output_ids,
-            self.vocab_size, self.device,
-        )
-        return self.sampler(logits, metadata)
+        if sampling.metadata is None:  # every row plain greedy
+            return SamplerOutput(sampled_token_ids=logits.argmax(dim=-1), logprobs=None)
+        return self.sampler(logits, sampling.metadata)
 
-    def _collect(self, sampling: SamplingBatch, sampled: SamplerOutput, output: RunnerOutput) -> None:
+    def _collect(self, sampling: SamplingBatch, rows: np.ndarray, sampled: SamplerOutput,
+                 output: RunnerOutput) -> None:
         """Read the sampled ids back (the step's one sync) and record them per request."""
-        token_ids = sampled.sampled_token_ids.tolist()
-        for request_id, token_id in zip(sampling.request_ids, token_ids):
-            self.input_batch.append_sampled(request_id, token_id)
-            output.sampled_token_ids[request_id] = [token_id]
+        token_ids = sampled.sampled_token_ids.cpu().numpy()
+        self.input_batch.append_sampled(rows, token_ids)
+        output.sampled_token_ids = {r: [t] for r, t in zip(sampling.request_ids, token_ids.tolist())}
         if sampled.logprobs is None:
             return
         chosen = sampled.logprobs.chosen.tolist()
         top_ids = sampled.logprobs.top_ids.tolist()
         top_lps = sampled.logprobs.top_logprobs.tolist()
-        for i, (request_id, params) in enumerate(zip(sampling.request_ids, sampling.params)):
-            if params.logprobs is not None:
-                k = params.logprobs
-                top = list(zip(top_ids[i][:k], top_lps[i][:k]))
-                output.logprobs[request_id] = [(chosen[i], top)]
+        for i in np.flatnonzero(sampling.logprobs >= 0).tolist():
+            k = int(sampling.logprobs[i])
+            top = list(zip(top_ids[i][:k], top_lps[i][:k]))
+            output.logprobs[sampling.request_ids[i]] = [(chosen[i], top)]

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kiln.scheduler.sampling_params import SamplingParams
@@ -63,49 +64,82 @@ class SamplingMetadata:
         device: torch.device | str,
     ) -> SamplingMetadata:
         """Turn one step's per-request settings into batch tensors (one copy per tensor)."""
-        greedy = [p.greedy for p in params]
-        temperature = [0.0 if g else p.temperature for p, g in zip(params, greedy)]
-        top_k = [0 if g or p.top_k <= 0 else p.top_k for p, g in zip(params, greedy)]
-        top_p = [1.0 if g else p.top_p for p, g in zip(params, greedy)]
-        min_p = [0.0 if g else p.min_p for p, g in zip(params, greedy)]
-        uses_penalties = [p.needs_penalties for p in params]
-        no_penalties = not any(uses_penalties)
+        rows = SamplingRows(len(params))
+        for i, p in enumerate(params):
+            rows.set(i, p)
+        return rows.metadata(np.arange(len(params)), generators, prompt_ids, output_ids, vocab_size, device)
 
+
+class SamplingRows:
+    """Per-row sampling settings kept as numpy arrays, so a step gathers them by row index
+    instead of rebuilding them from SamplingParams objects.
+
+    Invariants: row r holds the settings last ``set`` for it, already normalised the way
+    SamplingMetadata wants them (greedy rows: temperature 0, top_k 0, top_p 1, min_p 0);
+    ``logprobs[r]`` is -1 when the row asked for none.
+    """
+
+    def __init__(self, num_rows: int) -> None:
+        self.floats = np.zeros((6, num_rows), dtype=np.float32)  # temperature, top_p, min_p, rep, pres, freq
+        self.top_k = np.zeros(num_rows, dtype=np.int32)
+        self.greedy = np.ones(num_rows, dtype=bool)
+        self.penalties = np.zeros(num_rows, dtype=bool)
+        self.logprobs = np.full(num_rows, -1, dtype=np.int32)
+
+    def set(self, row: int, p: SamplingParams) -> None:
+        greedy = p.greedy
+        self.floats[:, row] = (0.0 if greedy else p.temperature, 1.0 if greedy else p.top_p,
+                               0.0 if greedy else p.min_p, p.repetition_penalty, p.presence_penalty,
+                               p.frequency_penalty)
+        self.top_k[row] = 0 if greedy or p.top_k <= 0 else p.top_k
+        self.greedy[row] = greedy
+        self.penalties[row] = p.needs_penalties
+        self.logprobs[row] = -1 if p.logprobs is None else p.logprobs
+
+    def plain_greedy(self, rows: np.ndarray) -> bool:
+        """True when every row is greedy without penalties or logprobs: a bare argmax."""
+        return bool(self.greedy[rows].all() and not self.penalties[rows].any() and (self.logprobs[rows] < 0).all())
+
+    def metadata(
+        self,
+        rows: np.ndarray,
+        generators: Sequence[torch.Generator | None],
+        prompt_ids: Sequence[Sequence[int]],
+        output_ids: Sequence[Sequence[int]],
+        vocab_size: int,
+        device: torch.device | str,
+    ) -> SamplingMetadata:
+        """SamplingMetadata of ``rows`` (in that order); generators and token ids are per row
+        of the result. Two host-to-device copies: the float settings and top_k."""
+        floats = self.floats[:, rows]
+        top_k = self.top_k[rows]
+        greedy = self.greedy[rows]
+        uses_penalties = self.penalties[rows]
+        no_penalties = not uses_penalties.any()
         prompt_t = output_t = None
         if not no_penalties:
             # Rows without penalties get empty lists: their padding is never read as a token.
-            prompt_t = _padded([ids if u else [] for ids, u in zip(prompt_ids, uses_penalties)],
-                               vocab_size, device)
-            output_t = _padded([ids if u else [] for ids, u in zip(output_ids, uses_penalties)],
-                               vocab_size, device)
-
-        requested = [p.logprobs for p in params if p.logprobs is not None]
-        random_ks = [k for k, g in zip(top_k, greedy) if not g]
-        max_top_k = max(random_ks) if random_ks and min(random_ks) > 0 else None
-
-        def f32(values: list[float]) -> torch.Tensor:
-            return _to_device(torch.tensor(values, dtype=torch.float32), device)
-
-        return cls(
-            temperature=f32(temperature),
-            top_p=f32(top_p),
-            top_k=_to_device(torch.tensor(top_k, dtype=torch.int32), device),
-            min_p=f32(min_p),
-            repetition_penalty=f32([p.repetition_penalty for p in params]),
-            presence_penalty=f32([p.presence_penalty for p in params]),
-            frequency_penalty=f32([p.frequency_penalty for p in params]),
+            prompt_t = _padded([ids if u else [] for ids, u in zip(prompt_ids, uses_penalties)], vocab_size, device)
+            output_t = _padded([ids if u else [] for ids, u in zip(output_ids, uses_penalties)], vocab_size, device)
+        requested = self.logprobs[rows]
+        random_ks = top_k[~greedy]
+        float_t = _to_device(torch.from_numpy(np.ascontiguousarray(floats)), device)
+        return SamplingMetadata(
+            temperature=float_t[0], top_p=float_t[1], top_k=_to_device(torch.from_numpy(top_k), device),
+            min_p=float_t[2], repetition_penalty=float_t[3], presence_penalty=float_t[4],
+            frequency_penalty=float_t[5],
             # Greedy rows draw no noise, so their generators are not needed.
             generators={i: g for i, g in enumerate(generators) if g is not None and not greedy[i]},
             prompt_token_ids=prompt_t,
             output_token_ids=output_t,
-            max_num_logprobs=max(requested) if requested else None,
-            all_greedy=all(greedy),
-            all_random=not any(greedy),
-            no_penalties=no_penalties,
-            no_top_k=all(k == 0 for k in top_k),
-            no_top_p=all(p >= 1.0 for p in top_p),
-            no_min_p=all(m == 0.0 for m in min_p),
-            max_top_k=max_top_k,
+            max_num_logprobs=int(requested.max()) if (requested >= 0).any() else None,
+            all_greedy=bool(greedy.all()),
+            all_random=not greedy.any(),
+            no_penalties=bool(no_penalties),
+            no_top_k=not top_k.any(),
+            no_top_p=bool((floats[1] >= 1.0).all()),
+            no_min_p=not floats[2].any(),
+            max_top_k=int(random_ks.max()) if len(random_ks) and random_ks.min() > 0 else None,
         )
 
 

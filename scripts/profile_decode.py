@@ -1,0 +1,137 @@
+"""Where a decode step's time goes: perf_counter splits of LLMEngine.step at a fixed batch.
+
+    python scripts/profile_decode.py ENGINE_DIR --batch 256 [--eager] [--steps 50] [--trace]
+
+Wraps the scheduler and runner methods of one engine with timers, fills the batch with
+`--batch` requests, waits until all of them decode, then times `--steps` decode steps.
+`gpu_wait` is the time the host blocks on the sampled ids; everything else is host work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from kiln.runtime import LLMEngine, SamplingParams
+
+
+def _timed(obj: object, name: str, acc: dict[str, float], key: str) -> None:
+    fn = getattr(obj, name)
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            acc[key] += time.perf_counter() - start
+
+    setattr(obj, name, wrapper)
+
+
+def _instrument(engine: LLMEngine, acc: dict[str, float]) -> None:
+    runner, batch = engine.runner, engine.runner.input_batch
+    _timed(engine.scheduler, "schedule", acc, "schedule")
+    _timed(engine.scheduler, "update", acc, "scheduler_update")
+    for name in ("apply", "check_scheduled", "prepare"):
+        _timed(batch, name, acc, f"runner_{name}")
+    _timed(runner, "_forward", acc, "runner_forward_launch")
+    _timed(runner, "_sample", acc, "runner_sample_launch")
+    collect = runner._collect
+
+    def collect_with_wait(*args, **kwargs):
+        start = time.perf_counter()
+        torch.cuda.synchronize()
+        middle = time.perf_counter()
+        acc["gpu_wait"] += middle - start
+        collect(*args, **kwargs)
+        acc["runner_collect"] += time.perf_counter() - middle
+
+    runner._collect = collect_with_wait
+    if runner.graphs is not None:
+        _timed(runner.graphs, "replay", acc, "graph_replay_launch")
+    gc_start = [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:  # time spent in Python's cyclic GC
+        if phase == "start":
+            gc_start[0] = time.perf_counter()
+        else:
+            acc["python_gc"] += time.perf_counter() - gc_start[0]
+
+    gc.callbacks.append(on_gc)
+
+
+def profile(engine_dir: str, batch: int, steps: int, eager: bool, isl: int) -> dict[str, float]:
+    engine = LLMEngine.from_engine_dir(engine_dir, enforce_eager=eager)
+    vocab = engine.model_config.vocab_size
+    rng = np.random.default_rng(0)
+    params = SamplingParams(max_tokens=steps + 64, ignore_eos=True, temperature=0.0)
+    for i in range(batch):
+        engine.add_request(f"p{i}", rng.integers(1000, vocab, size=isl).tolist(), params)
+    while sum(len(out.outputs[0].delta_token_ids) for out in engine.step()) < batch:
+        pass
+    for _ in range(3):  # a few decode steps to warm up
+        engine.step()
+    acc: dict[str, float] = defaultdict(float)
+    _instrument(engine, acc)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    acc["step_total"] = time.perf_counter() - start
+    per_step = {k: 1000 * v / steps for k, v in acc.items()}
+    runner_keys = [k for k in per_step if k.startswith("runner_")]  # graph_replay is inside forward
+    per_step["runner_host_total"] = sum(per_step[k] for k in runner_keys)
+    per_step["host_total"] = per_step["step_total"] - per_step["gpu_wait"]
+    return per_step
+
+
+def trace(engine_dir: str, batch: int, eager: bool, isl: int, steps: int = 5) -> None:
+    """CUDA time per kernel over a few decode steps (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    engine = LLMEngine.from_engine_dir(engine_dir, enforce_eager=eager)
+    vocab = engine.model_config.vocab_size
+    rng = np.random.default_rng(0)
+    params = SamplingParams(max_tokens=steps + 64, ignore_eos=True, temperature=0.0)
+    for i in range(batch):
+        engine.add_request(f"t{i}", rng.integers(1000, vocab, size=isl).tolist(), params)
+    for _ in range(8 + batch * isl // 8192):
+        engine.step()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=60))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("engine")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--isl", type=int, default=128)
+    parser.add_argument("--eager", action="store_true", help="profile with enforce_eager")
+    parser.add_argument("--trace", action="store_true", help="per-kernel CUDA times instead of host splits")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    mode = "eager" if args.eager else "graphs"
+    if args.trace:
+        print(f"== kernels of 5 decode steps, batch {args.batch}, {mode}")
+        trace(args.engine, args.batch, args.eager, args.isl)
+        return
+    per_step = profile(args.engine, args.batch, args.steps, args.eager, args.isl)
+    print(f"== decode step, batch {args.batch}, {mode}: {per_step['step_total']:.3f} ms/step, "
+          f"{args.batch * 1000 / per_step['step_total']:.0f} tok/s")
+    for key, ms in sorted(per_step.items(), key=lambda kv: -kv[1]):
+        print(f"   {key:28s} {ms:8.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
