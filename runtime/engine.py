@@ -1,0 +1,311 @@
+"""LLMEngine: the loop that joins the scheduler (a plan), the model runner (tensors) and the
+detokenizer (text) into per-request outputs.
+
+One step: ``Scheduler.schedule()`` -> ``ModelRunner.execute_model()`` -> ``Scheduler.update()``
+-> detokenize, check stop strings -> ``RequestOutput``s. The engine owns no tensors and makes
+no scheduling decision; it translates between request ids the caller knows (a parent request
+with n choices) and the sequences the scheduler runs (one child per choice).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from kiln.engine_builder.format import load_engine
+from kiln.runtime.config import EngineConfig
+from kiln.runtime.model_runner import ModelRunner
+from kiln.runtime.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput, SequenceTracker
+from kiln.scheduler import RequestRejected, Scheduler, SchedulerConfig
+from kiln.scheduler.interface import RunnerOutput, SchedulerOutput
+from kiln.scheduler.request import Request, RequestStatus
+from kiln.scheduler.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+@dataclasses.dataclass
+class _ParentRequest:
+    """A caller's request: its prompt and the child sequences (one per choice) it fans out to."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    child_ids: list[str]
+    metrics: RequestMetrics
+    num_finished: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.num_finished == len(self.child_ids)
+
+
+class LLMEngine:
+    """Runs generation requests on one engine directory, one ``step()`` at a time.
+
+    Invariants: every child id in ``_children`` belongs to exactly one live parent in
+    ``_parents``; a parent is dropped (and its ids may be reused) the step all its choices
+    finish, or at once on ``abort_request``. The engine is not thread-safe: one caller drives
+    add_request / abort_request / step (the server's engine thread).
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.loaded_engine = load_engine(config.engine_dir, rank=0)
+        self.model_config = self.loaded_engine.model_config
+        self.tokenizer = _load_tokenizer(Path(self.loaded_engine.path))
+        self.eos_token_ids = _eos_token_ids(Path(self.loaded_engine.path), self.tokenizer)
+        self.runner = ModelRunner(config, self.loaded_engine)
+        self.max_model_len = self._resolve_max_model_len()
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_tokens=config.max_num_tokens,
+                max_batch_size=config.max_batch_size,
+                block_size=self.runner.block_size,
+                num_blocks=self.runner.num_blocks,
+                max_model_len=self.max_model_len,
+                capacity_policy=config.capacity_policy,
+                enable_prefix_caching=config.enable_prefix_caching,
+            )
+        )
+        self._parents: dict[str, _ParentRequest] = {}
+        self._children: dict[str, SequenceTracker] = {}
+        self._num_prompt_tokens = 0
+        self._num_generation_tokens = 0
+        self._num_failed_steps = 0
+        self._undelivered_finished_ids: set[str] = set()
+        logger.info(
+            "engine ready: %s, max_model_len=%d, %d KV blocks of %d tokens",
+            self.model_config.architecture, self.max_model_len, self.runner.num_blocks, self.runner.block_size,
+        )
+
+    @classmethod
+    def from_engine_dir(cls, engine_dir: str | Path, **options: Any) -> LLMEngine:
+        """Build an engine from a directory; options are EngineConfig fields."""
+        return cls(EngineConfig(engine_dir=str(engine_dir), **options))
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    def _resolve_max_model_len(self) -> int:
+        limit = self.config.resolve_max_model_len(self.model_config)
+        kv_tokens = self.runner.num_blocks * self.runner.block_size
+        if limit > kv_tokens:
+            # One sequence can never be longer than the whole KV pool.
+            logger.warning("max_model_len capped from %d to %d, the tokens the KV cache holds", limit, kv_tokens)
+            limit = kv_tokens
+        return limit
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        sampling_params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+        priority: int = 0,
+    ) -> None:
+        """Queue a request; raises a ValueError subclass at once if it can never run."""
+        if request_id in self._parents or request_id in self._children:
+            raise RequestRejected(f"request id {request_id!r} is already in use")
+        params = sampling_params or SamplingParams()
+        text, token_ids = self._tokenize(prompt)
+        self._check_prompt(token_ids)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
+        parent = _ParentRequest(request_id, text, token_ids, child_ids, RequestMetrics(arrival_time=arrival))
+        added: list[str] = []
+        try:
+            for index, child_id in enumerate(child_ids):
+                child_params = self._child_params(params, index)
+                request = Request(
+                    request_id=child_id,
+                    prompt_token_ids=list(token_ids),
+                    sampling_params=child_params,
+                    eos_token_ids=self.eos_token_ids,
+                    arrival_time=arrival,
+                    priority=priority,
+                )
+                self.scheduler.add_request(request)
+                added.append(child_id)
+                self._children[child_id] = SequenceTracker(request, index, request_id, self.tokenizer)
+        except Exception:
+            for child_id in added:  # all or nothing: never leave half a fan-out queued
+                self.scheduler.abort_request(child_id)
+                self._children.pop(child_id, None)
+            raise
+        self._parents[request_id] = parent
+
+    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestRejected("this engine has no tokenizer: pass the prompt as token ids")
+            return prompt, list(self.tokenizer.encode(prompt))
+        token_ids = list(prompt)
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
+            raise RequestRejected("a token-id prompt must be a list of integers")
+        return None, token_ids
+
+    def _check_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise RequestRejected("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestRejected(f"prompt token id {bad[0]} is out of the vocabulary (size {vocab})")
+        # Length limits (max_model_len, KV capacity) are the scheduler's to check: it names them.
+
+    @staticmethod
+    def _child_params(params: SamplingParams, index: int) -> SamplingParams:
+        if params.n == 1:
+            return params
+        changes: dict[str, Any] = {"n": 1}
+        if params.seed is not None:
+            changes["seed"] = params.seed + index  # distinct yet reproducible choices
+        return dataclasses.replace(params, **changes)
+
+    def abort_request(self, request_id: str) -> None:
+        """Abort a request (all its choices) and free its KV blocks now; unknown ids are ignored."""
+        parent = self._parents.pop(request_id, None)
+        if parent is None:
+            return
+        for child_id in parent.child_ids:
+            self.scheduler.abort_request(child_id)
+            self._children.pop(child_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._parents) or self.scheduler.has_unfinished_requests()
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._parents)
+
+    # ------------------------------------------------------------------ the loop
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step and return one output per request that changed."""
+        scheduler_output = self.scheduler.schedule()
+        runner_output = self._execute(scheduler_output)
+        changed = self.scheduler.update(scheduler_output, runner_output)
+        now = time.monotonic()
+        touched: dict[str, list[tuple[int, CompletionOutput]]] = {}
+        for request in changed:
+            tracker = self._children.get(request.request_id)
+            if tracker is None:
+                continue  # aborted by the caller in the meantime
+            completion = self._process(tracker, runner_output, now)
+            if completion is not None:
+                touched.setdefault(tracker.parent_id, []).append((tracker.index, completion))
+        return [self._parent_output(pid, choices) for pid, choices in touched.items()]
+
+    def _execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        """Run the model; a failing step fails only the requests it held, the loop goes on."""
+        if self._undelivered_finished_ids:
+            scheduler_output.finished_request_ids |= self._undelivered_finished_ids
+            self._undelivered_finished_ids = set()
+        try:
+            return self.runner.execute_model(scheduler_output)
+        except Exception:
+            ids = sorted(scheduler_output.num_scheduled_tokens)
+            self._num_failed_steps += 1
+            logger.exception("model step failed for %d requests %s; finishing them with an error", len(ids), ids[:8])
+            # The runner may have raised before dropping these: tell it again next step.
+            self._undelivered_finished_ids = set(scheduler_output.finished_request_ids)
+            return RunnerOutput(failed_request_ids=set(ids))
+
+    def _process(self, tracker: SequenceTracker, runner_output: RunnerOutput, now: float) -> CompletionOutput | None:
+        request = tracker.request
+        num_before = tracker.num_seen_tokens
+        try:
+            completion = tracker.update(runner_output.logprobs.get(request.request_id))
+        except Exception:
+            logger.exception("output processing failed for request %s", request.request_id)
+            if not request.is_finished:
+                self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_ERROR)
+            completion = tracker.fail()
+        if tracker.stop_string_hit and not request.is_finished:
+            self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED, completion.stop_reason)
+        num_new = tracker.num_seen_tokens - num_before
+        if num_new and num_before == 0:  # the prompt counts once its prefill produced a token
+            self._num_prompt_tokens += request.num_prompt_tokens
+        self._num_generation_tokens += num_new
+        self._update_metrics(tracker, num_new, now)
+        return completion
+
+    def _update_metrics(self, tracker: SequenceTracker, num_new: int, now: float) -> None:
+        parent = self._parents[tracker.parent_id]
+        metrics, request = parent.metrics, tracker.request
+        if request.first_scheduled_time is not None and metrics.first_scheduled_time is None:
+            metrics.first_scheduled_time = request.first_scheduled_time
+        if num_new:
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+            metrics.last_token_time = now
+        metrics.num_cached_tokens = max(metrics.num_cached_tokens, request.num_cached_tokens)
+        if tracker.finished and not tracker.counted_finished:
+            tracker.counted_finished = True
+            parent.num_finished += 1
+            if parent.finished:
+                metrics.finished_time = now
+
+    def _parent_output(self, parent_id: str, choices: list[tuple[int, CompletionOutput]]) -> RequestOutput:
+        parent = self._parents[parent_id]
+        output = RequestOutput(
+            request_id=parent_id,
+            prompt=parent.prompt,
+            prompt_token_ids=parent.prompt_token_ids,
+            outputs=[c for _, c in sorted(choices, key=lambda ic: ic[0])],
+            finished=parent.finished,
+            metrics=dataclasses.replace(parent.metrics),
+            num_cached_tokens=parent.metrics.num_cached_tokens,
+        )
+        if parent.finished:
+            del self._parents[parent_id]
+            for child_id in parent.child_ids:
+                self._children.pop(child_id, None)
+        return output
+
+    def get_stats(self) -> EngineStats:
+        stats = self.scheduler.stats
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_cache_usage=self.scheduler.kv_cache_usage,
+            prefix_cache_queries=stats.prefix_cache_queries,
+            prefix_cache_hits=stats.prefix_cache_hits,
+            num_preemptions=stats.num_preemptions,
+            prompt_tokens=self._num_prompt_tokens,
+            generation_tokens=self._num_generation_tokens,
+            num_failed_steps=self._num_failed_steps,
+        )
+
+
+def _load_tokenizer(path: Path) -> Any:
+    """The engine directory's tokenizer, or None for engines built without one."""
+    if not any((path / name).exists() for name in _TOKENIZER_FILES):
+        logger.info("no tokenizer in %s: prompts must be token ids and texts will be empty", path)
+        return None
+    from transformers import AutoTokenizer  # heavy import, only when there is a tokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def _eos_token_ids(path: Path, tokenizer: Any) -> frozenset[int]:
+    """EOS ids from generation_config.json plus the tokenizer's own EOS."""
+    ids: set[int] = set()
+    gen_config = path / "generation_config.json"
+    if gen_config.exists():
+        eos = json.loads(gen_config.read_text()).get("eos_token_id")
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, list):
+            ids.update(int(e) for e in eos)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)

@@ -1,0 +1,217 @@
+"""What the engine hands back: per-request outputs, their choices, logprobs, metrics, stats.
+
+The output types are plain dataclasses (no torch) so the server can serialise them and tests
+can build them by hand. ``SequenceTracker`` builds them: it follows one scheduled sequence,
+detokenizes its new tokens and applies stop strings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kiln.runtime.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from kiln.scheduler.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The logprob of one generated token and the ``top`` most likely alternatives.
+
+    ``top`` is ordered most likely first and holds exactly ``SamplingParams.logprobs`` entries.
+    """
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class RequestMetrics:
+    """Timestamps of one request's life, all from ``time.monotonic()``.
+
+    A field is None until the event happened. For a request with n > 1 choices the times are
+    those of the earliest choice (first_*) and the latest one (last_token_time, finished_time).
+    """
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+    num_cached_tokens: int = 0
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        if self.first_token_time is None:
+            return None
+        return self.first_token_time - self.arrival_time
+
+    @property
+    def queue_time(self) -> float | None:
+        if self.first_scheduled_time is None:
+            return None
+        return self.first_scheduled_time - self.arrival_time
+
+
+@dataclass
+class CompletionOutput:
+    """One choice of a request.
+
+    ``text``, ``token_ids`` and ``logprobs`` are cumulative; ``delta_*`` hold what this step
+    added. ``text`` never contains a stop string unless include_stop_str_in_output was set,
+    and while streaming it may lag ``token_ids`` by the characters that could still turn
+    into a stop string. ``finish_reason`` is None while the choice runs, else "stop",
+    "length", "abort" or "error"; ``stop_reason`` is the stop string or stop token id that
+    ended it (None for EOS).
+    """
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    delta_text: str = ""
+    delta_token_ids: list[int] = field(default_factory=list)
+    delta_logprobs: list[TokenLogprob] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    """The state of one request after a step.
+
+    ``outputs`` lists the choices that changed in that step (all of them in ``LLM.generate``
+    results), sorted by index. ``finished`` is True once every choice has finished.
+    """
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: RequestMetrics
+    num_cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's counters; token counts are cumulative since start."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of KV blocks in use, 0..1
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of which served from it
+    num_preemptions: int
+    prompt_tokens: int
+    generation_tokens: int
+    num_failed_steps: int = 0
+
+
+class SequenceTracker:
+    """Turns one scheduled sequence's progress into ``CompletionOutput``s, step by step.
+
+    Invariants: ``token_ids`` mirrors the request's output tokens seen so far (all of them,
+    the stop token included); ``text`` is their detokenization with stop strings cut and, while
+    running, possible stop-string prefixes held back; once ``finish_reason`` is set nothing
+    changes any more. A stop string found here sets ``stop_string_hit``: the engine must then
+    finish the request in the scheduler.
+    """
+
+    def __init__(self, request: Request, index: int, parent_id: str, tokenizer: Any) -> None:
+        self.request = request
+        self.index = index
+        self.parent_id = parent_id
+        params = request.sampling_params
+        self._detokenizer = None
+        self._stop_matcher = None
+        if tokenizer is not None:
+            self._detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_token_ids, params.skip_special_tokens)
+            if params.stop:
+                self._stop_matcher = StopStringMatcher(params.stop, params.include_stop_str_in_output)
+        self.text = ""
+        self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.stop_string_hit = False
+        self.counted_finished = False  # the engine's bookkeeping of finished choices
+
+    @property
+    def num_seen_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def update(self, runner_logprobs: list[tuple[float, list[tuple[int, float]]]] | None) -> CompletionOutput | None:
+        """Take the request's new tokens; None when nothing visible changed."""
+        if self.finished:
+            return None
+        request = self.request
+        new_ids = request.output_token_ids[len(self.token_ids):]
+        self.token_ids.extend(new_ids)
+        delta_logprobs = self._take_logprobs(new_ids, runner_logprobs)
+        delta_text = self._take_text(new_ids)
+        if not self.finished and request.is_finished:
+            self.finish_reason = request.finish_reason
+            self.stop_reason = request.stop_reason
+        if not new_ids and not self.finished:
+            return None
+        return self._completion(delta_text, new_ids, delta_logprobs)
+
+    def fail(self) -> CompletionOutput:
+        """Finish with an error (output processing raised); keeps what was produced."""
+        self.finish_reason = "error"
+        return self._completion("", [], [] if self.logprobs is not None else None)
+
+    def _take_logprobs(
+        self, new_ids: list[int], runner_logprobs: list[tuple[float, list[tuple[int, float]]]] | None
+    ) -> list[TokenLogprob] | None:
+        if self.logprobs is None:
+            return None
+        entries = runner_logprobs or []
+        # The scheduler may accept fewer tokens than were sampled (a stop mid-way): zip cuts.
+        delta = [TokenLogprob(tid, float(lp), list(top)) for tid, (lp, top) in zip(new_ids, entries)]
+        self.logprobs.extend(delta)
+        return delta
+
+    def _take_text(self, new_ids: list[int]) -> str:
+        if self._detokenizer is None:
+            return ""
+        request = self.request
+        params = request.sampling_params
+        ids = new_ids
+        stopped_by_token = request.status is RequestStatus.FINISHED_STOPPED and not isinstance(request.stop_reason, str)
+        if ids and stopped_by_token and not params.include_stop_str_in_output:
+            ids = ids[:-1]  # EOS / stop token ids end the text; they are not part of it
+        # A finished request flushes what both stages hold back (partial characters, stop prefixes).
+        delta = self._detokenizer.add_tokens(ids, finished=request.is_finished)
+        if self._stop_matcher is not None:
+            delta, stop = self._stop_matcher.process(delta, finished=request.is_finished)
+            if stop is not None:
+                self.stop_string_hit = True
+                self.finish_reason, self.stop_reason = "stop", stop
+        self.text += delta
+        return delta
+
+    def _completion(
+        self, delta_text: str, delta_ids: list[int], delta_logprobs: list[TokenLogprob] | None
+    ) -> CompletionOutput:
+        return CompletionOutput(
+            index=self.index,
+            text=self.text,
+            token_ids=list(self.token_ids),
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+            logprobs=list(self.logprobs) if self.logprobs is not None else None,
+            delta_text=delta_text,
+            delta_token_ids=list(delta_ids),
+            delta_logprobs=delta_logprobs,
+        )
