@@ -1,0 +1,282 @@
+"""The bridge between the asyncio server and the synchronous LLMEngine.
+
+The engine runs in its own thread and is touched by that thread only. Handlers talk to it
+through a thread-safe inbox (new requests, aborts) that the engine thread drains at the start
+of every step, and receive outputs on per-HTTP-request asyncio queues that the engine thread
+fills with one ``loop.call_soon_threadsafe`` per step. No handler ever waits on the engine
+while holding the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from kiln.scheduler.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread has stopped; no request can be served any more."""
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue holds --max-queue requests already."""
+
+
+class EngineStepError(RuntimeError):
+    """The engine failed while running this request."""
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """One engine request: an HTTP request with several prompts makes several."""
+
+    request_id: str
+    prompt: str | list[int]
+    sampling_params: SamplingParams
+    arrival_time: float
+
+
+class GenerationStream:
+    """The outputs of one HTTP request's engine requests, in the order the engine made them.
+
+    Lives on the event loop. Iteration ends once every engine request has finished; an
+    engine failure is raised from the iterator as EngineStepError.
+    """
+
+    def __init__(self, request_ids: list[str]) -> None:
+        self.request_ids = list(request_ids)
+        self._unfinished = set(request_ids)
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    @property
+    def finished(self) -> bool:
+        return not self._unfinished
+
+    def put(self, item: Any) -> None:
+        self._queue.put_nowait(item)
+
+    def unfinished_ids(self) -> list[str]:
+        return [r for r in self.request_ids if r in self._unfinished]
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        while self._unfinished:
+            item = await self._queue.get()
+            if isinstance(item, BaseException):
+                self._unfinished.clear()
+                raise item
+            if item.finished:
+                self._unfinished.discard(item.request_id)
+            yield item
+
+
+@dataclass
+class _Submission:
+    stream: GenerationStream
+    requests: list[EngineRequest]
+    loop: asyncio.AbstractEventLoop
+    ack: asyncio.Future = field(repr=False)
+
+
+class AsyncEngine:
+    """Runs ``engine.step()`` in a dedicated thread and routes outputs to asyncio streams.
+
+    Invariants: only the engine thread calls the engine's mutating methods; ``_routes`` maps
+    every live engine request id to its stream and is touched by the engine thread only;
+    a request leaves ``_routes`` when it finishes, is aborted or fails.
+    """
+
+    def __init__(self, engine: Any, max_queue: int | None = None, metrics: Any = None) -> None:
+        self.engine = engine
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._routes: dict[str, GenerationStream] = {}
+        self._loops: dict[str, asyncio.AbstractEventLoop] = {}
+        self._pending_lock = threading.Lock()
+        self._pending_adds = 0
+        self._thread: threading.Thread | None = None
+        self._dead = False
+        self.stats = engine.get_stats()
+
+    # ----- event-loop side -----
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="kiln-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._dead
+
+    @property
+    def num_waiting(self) -> int:
+        return self.stats.num_waiting + self._pending_adds
+
+    async def generate(self, requests: list[EngineRequest]) -> GenerationStream:
+        """Hand ``requests`` to the engine; returns once the engine accepted them all.
+
+        Raises the engine's ValueError when it rejects one (none of them then runs),
+        QueueFullError when the waiting queue is full, EngineDeadError when the loop is gone.
+        """
+        if not self.is_alive:
+            raise EngineDeadError("The engine loop has stopped.")
+        if self.max_queue is not None and self.num_waiting >= self.max_queue:
+            raise QueueFullError(f"The server's waiting queue is full ({self.max_queue} requests).")
+        loop = asyncio.get_running_loop()
+        stream = GenerationStream([r.request_id for r in requests])
+        sub = _Submission(stream, requests, loop, loop.create_future())
+        with self._pending_lock:
+            self._pending_adds += 1
+        self._inbox.put(("add", sub))
+        self._wake.set()
+        try:
+            await sub.ack
+        except asyncio.CancelledError:
+            self.abort(stream)  # queued after the add, so the engine drops what it added
+            raise
+        return stream
+
+    def abort(self, stream: GenerationStream) -> None:
+        """Abort the stream's unfinished engine requests (a no-op once all have finished)."""
+        ids = stream.unfinished_ids()
+        if ids:
+            self._inbox.put(("abort", ids))
+            self._wake.set()
+
+    def abort_all(self) -> None:
+        """Abort every request in flight (the end of a drain that ran out of time)."""
+        self._inbox.put(("abort_all", None))
+        self._wake.set()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ----- engine-thread side -----
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._wake.clear()
+                if self._drain_inbox():
+                    self.stats = self.engine.get_stats()  # aborts change running/KV at once
+                if not self.engine.has_unfinished_requests():
+                    # Anything put in the inbox after clear() sets _wake, so this cannot miss it.
+                    self._wake.wait(0.5)
+                    continue
+                self._step()
+        except BaseException:  # the loop is gone: fail everyone, report unhealthy
+            logger.exception("The engine loop died")
+            self._dead = True
+            self._fail_all(EngineDeadError("The engine loop has stopped."))
+        finally:
+            self._fail_all(EngineDeadError("The server is shutting down."))
+
+    def _drain_inbox(self) -> bool:
+        """Apply queued adds and aborts; True if there were any."""
+        handled = False
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return handled
+            handled = True
+            if kind == "add":
+                self._add(payload)
+            elif kind == "abort":
+                self._abort_ids(payload)
+            else:
+                self._fail_all(EngineDeadError("The server shut down before this request finished."))
+
+    def _add(self, sub: _Submission) -> None:
+        added: list[str] = []
+        error: BaseException | None = None
+        try:
+            for r in sub.requests:
+                self.engine.add_request(
+                    r.request_id, r.prompt, r.sampling_params, arrival_time=r.arrival_time
+                )
+                added.append(r.request_id)
+                self._routes[r.request_id] = sub.stream
+                self._loops[r.request_id] = sub.loop
+        except Exception as e:  # a rejected prompt: undo the siblings, report to the handler
+            error = e
+            for rid in added:
+                self.engine.abort_request(rid)
+                self._forget(rid)
+        finally:
+            with self._pending_lock:
+                self._pending_adds -= 1
+        sub.loop.call_soon_threadsafe(_resolve, sub.ack, error)
+
+    def _abort_ids(self, ids: list[str]) -> None:
+        for rid in ids:
+            if rid in self._routes:
+                self.engine.abort_request(rid)
+                self._forget(rid)
+                if self.metrics is not None:
+                    self.metrics.on_abort(rid)
+                logger.debug("Aborted request %s", rid)
+
+    def _forget(self, rid: str) -> None:
+        self._routes.pop(rid, None)
+        self._loops.pop(rid, None)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception:  # a bug in a step: fail the requests in flight, keep serving
+            logger.exception("Engine step failed; failing %d in-flight requests", len(self._routes))
+            self._fail_all(EngineStepError("The engine failed while generating this response."))
+            return
+        now = time.monotonic()
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outputs:
+            stream = self._routes.get(out.request_id)
+            if stream is None:
+                continue
+            loop = self._loops[out.request_id]
+            if self.metrics is not None:
+                self.metrics.on_output(out, now)
+            batches.setdefault(loop, []).append((stream, out))
+            if out.finished:
+                self._forget(out.request_id)
+        self.stats = self.engine.get_stats()
+        for loop, items in batches.items():
+            loop.call_soon_threadsafe(_deliver, items)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for rid, stream in list(self._routes.items()):
+            try:
+                self.engine.abort_request(rid)
+            except Exception:
+                logger.exception("abort_request(%s) failed", rid)
+            loop = self._loops[rid]
+            self._forget(rid)
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(stream.put, error)
+
+
+def _resolve(fut: asyncio.Future, error: BaseException | None) -> None:
+    if fut.done():  # the handler was cancelled meanwhile
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)
+
+
+def _deliver(items: list) -> None:
+    for stream, out in items:
+        stream.put(out)
+

@@ -1,0 +1,176 @@
+"""`serve-llm`: serve an engine directory over an OpenAI-compatible HTTP API.
+
+    serve-llm engines/smollm2-135m --port 8000 --api-key sk-local
+
+SIGTERM / Ctrl-C drains: new requests get 503, requests in flight finish (at most
+--shutdown-timeout seconds), then the process exits 0. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from types import FrameType
+from typing import Any
+
+from kiln.server.config import API_KEY_ENV, ServerConfig, ServerConfigError, build_config, load_yaml
+
+logger = logging.getLogger("kiln.server")
+
+
+class _YesNo(argparse.Action):
+    """--no-prefix-caching style flags that store an explicit bool (None = not given)."""
+
+    def __init__(self, option_strings: list[str], dest: str, value: bool, **kw: Any) -> None:
+        self._value = value
+        super().__init__(option_strings, dest, nargs=0, default=None, **kw)
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None) -> None:
+        setattr(namespace, self.dest, self._value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="serve-llm",
+        description="Serve a Kiln engine directory over an OpenAI-compatible API "
+                    "(/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics, ...).",
+        epilog=f"Precedence: flags > --config YAML > environment ({API_KEY_ENV}) > defaults. "
+               "See configs/serve.example.yaml.",
+    )
+    p.add_argument("engine_dir", nargs="?", default=None, metavar="ENGINE_DIR",
+                   help="engine directory made by build-llm (or engine_dir in --config)")
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML file of options (keys as the flags, with underscores)")
+    s = p.add_argument_group("server")
+    s.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port to bind (default 8000; 0 = any free port)")
+    s.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize "
+                                     f"(or set {API_KEY_ENV}); /health and /metrics stay open")
+    s.add_argument("--served-model-name", help="model id clients send (default: the engine directory's name)")
+    s.add_argument("--max-queue", type=int, help="max waiting requests; beyond it requests get 503 + Retry-After "
+                                                 "(default: unbounded)")
+    s.add_argument("--shutdown-timeout", type=float,
+                   help="seconds to let in-flight requests finish after SIGTERM (default 30)")
+    s.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"],
+                   help="default info")
+    e = p.add_argument_group("engine (scheduler and KV cache)")
+    e.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
+    e.add_argument("--max-num-tokens", type=int, help="token budget per step (default 8192)")
+    e.add_argument("--max-batch-size", type=int, help="max sequences per step (default 256)")
+    e.add_argument("--block-size", type=int, help="tokens per KV block (default 32)")
+    e.add_argument("--kv-cache-fraction", type=float, help="fraction of free GPU memory for the KV cache (default 0.9)")
+    e.add_argument("--num-kv-cache-tokens", type=int, help="KV cache size in tokens (overrides the fraction)")
+    e.add_argument("--capacity-policy", choices=["guaranteed_no_evict", "max_utilization"],
+                   help="guaranteed_no_evict reserves KV for prompt + max_tokens; max_utilization packs and preempts")
+    e.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action=_YesNo, value=False,
+                   help="disable reuse of KV blocks across requests with a common prefix")
+    e.add_argument("--max-model-len", type=int, help="longest prompt + output (default: the model's)")
+    e.add_argument("--enforce-eager", action=_YesNo, value=True, help="no CUDA graphs / compilation")
+    e.add_argument("--attention-backend", choices=["auto", "triton", "torch"], help="default auto")
+    e.add_argument("--seed", type=int, help="engine seed for unseeded sampling (default 0)")
+    return p
+
+
+def parse_config(argv: list[str] | None) -> ServerConfig:
+    args = vars(build_parser().parse_args(argv))
+    yaml_values = load_yaml(args.pop("config")) if args.get("config") else {}
+    return build_config(args, yaml_values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = parse_config(argv)
+    except ServerConfigError as e:
+        print(f"serve-llm: error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        engine = _load_engine(config)
+    except (ValueError, OSError) as e:  # EngineConfigError, EngineFormatError paths, missing files
+        print(f"serve-llm: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # engine_builder errors are not ValueErrors; keep the one-line promise
+        if type(e).__module__.startswith("kiln."):
+            print(f"serve-llm: error: {e}", file=sys.stderr)
+            return 1
+        raise
+    from kiln.server.app import create_app
+
+    app = create_app(engine, config)
+    return serve(app, config)
+
+
+def _load_engine(config: ServerConfig) -> Any:
+    from kiln.runtime.engine import LLMEngine
+
+    engine = LLMEngine(config.engine)
+    runner = getattr(engine, "runner", None)
+    logger.info("Engine loaded from %s: %s, max_model_len %d, %s KV blocks of %s tokens",
+                config.engine.engine_dir, engine.model_config.architecture, engine.max_model_len,
+                getattr(runner, "num_blocks", "?"), getattr(runner, "block_size", "?"))
+    return engine
+
+
+def serve(app: Any, config: ServerConfig) -> int:
+    import uvicorn
+
+    uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_config=None,
+                               access_log=False, timeout_graceful_shutdown=5, log_level=config.log_level)
+    server = DrainingServer(uv_config, app, config.shutdown_timeout)
+    logger.info("Serving model %r on http://%s:%d (auth %s)", config.model_name, config.host, config.port,
+                "on" if config.api_key else "off")
+    asyncio.run(server.serve())
+    return 0
+
+
+def _uvicorn_server_base() -> type:
+    import uvicorn
+
+    return uvicorn.Server
+
+
+class DrainingServer(_uvicorn_server_base()):  # type: ignore[misc]
+    """uvicorn.Server whose first SIGTERM/SIGINT drains the app before exiting.
+
+    uvicorn's own shutdown closes the listening socket at once, so new clients would get
+    "connection refused" instead of a clear 503; draining inside the app first keeps the
+    socket open and answers them, then lets uvicorn exit normally (status 0).
+    """
+
+    def __init__(self, config: Any, app: Any, shutdown_timeout: float) -> None:
+        super().__init__(config)
+        self._app = app
+        self._shutdown_timeout = shutdown_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining = False
+
+    async def serve(self, sockets: Any = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining or self._loop is None:  # second signal, or not started: exit now
+            self.should_exit = True
+            self.force_exit = sig == signal.SIGINT
+            return
+        self._draining = True
+        logger.info("Received %s: draining", signal.Signals(sig).name)
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self._drain_task = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        from kiln.server.app import drain
+
+        try:
+            await drain(self._app, self._shutdown_timeout)
+        finally:
+            self.should_exit = True
+
+
+if __name__ == "__main__":
+    sys.exit(main())

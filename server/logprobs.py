@@ -1,0 +1,81 @@
+"""Engine TokenLogprobs -> OpenAI logprobs objects (chat and legacy completions shapes)."""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Any, Sequence
+
+
+class TokenStrings:
+    """Text and UTF-8 bytes of single tokens, cached (the vocabulary is fixed).
+
+    Byte-level BPE tokens can hold part of a UTF-8 character; their text then holds U+FFFD
+    while ``bytes`` keeps the real bytes, as OpenAI's ``bytes`` field intends.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tok = tokenizer
+        self._byte_decoder = _byte_level_decoder()
+        self.text = lru_cache(maxsize=65536)(self._text)
+        self.bytes = lru_cache(maxsize=65536)(self._bytes)
+
+    def _text(self, token_id: int) -> str:
+        return self._tok.decode([token_id], skip_special_tokens=False)
+
+    def _bytes(self, token_id: int) -> list[int]:
+        piece = self._tok.convert_ids_to_tokens(token_id)
+        if isinstance(piece, str) and piece and all(ch in self._byte_decoder for ch in piece):
+            return [self._byte_decoder[ch] for ch in piece]
+        return list(self.text(token_id).encode("utf-8"))
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """The inverse of GPT-2's bytes -> printable characters map used by byte-level BPE."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+def _finite(x: float) -> float:
+    # JSON has no -inf; OpenAI reports -9999.0 for impossible tokens.
+    return x if math.isfinite(x) else -9999.0
+
+
+def chat_logprobs(entries: Sequence[Any], strings: TokenStrings) -> dict[str, Any]:
+    """``{"content": [{token, logprob, bytes, top_logprobs: [...]}, ...]}``."""
+    content = []
+    for e in entries:
+        content.append({
+            "token": strings.text(e.token_id),
+            "logprob": _finite(e.logprob),
+            "bytes": strings.bytes(e.token_id),
+            "top_logprobs": [
+                {"token": strings.text(t), "logprob": _finite(lp), "bytes": strings.bytes(t)}
+                for t, lp in e.top
+            ],
+        })
+    return {"content": content}
+
+
+def completion_logprobs(entries: Sequence[Any], strings: TokenStrings, text_offset: int = 0) -> dict[str, Any]:
+    """``{tokens, token_logprobs, top_logprobs, text_offset}``; offsets start at ``text_offset``."""
+    tokens, token_logprobs, tops, offsets = [], [], [], []
+    pos = text_offset
+    for e in entries:
+        text = strings.text(e.token_id)
+        tokens.append(text)
+        token_logprobs.append(_finite(e.logprob))
+        top: dict[str, float] = {}
+        for t, lp in e.top:
+            top.setdefault(strings.text(t), _finite(lp))
+        tops.append(top)
+        offsets.append(pos)
+        pos += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}

@@ -1,0 +1,60 @@
+"""ServerConfig from flags, YAML and environment; `serve-llm` errors are one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kiln.server.cli import parse_config
+from kiln.server.config import ServerConfigError, build_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_example_yaml_loads_and_flags_win(tmp_path, monkeypatch):
+    monkeypatch.delenv("KILN_API_KEY", raising=False)
+    cfg = parse_config(["--config", str(REPO / "configs/serve.example.yaml"), "--port", "9001",
+                        "--no-prefix-caching", "--max-batch-size", "8"])
+    assert cfg.port == 9001 and cfg.host == "127.0.0.1" and cfg.max_queue == 256
+    assert cfg.engine.enable_prefix_caching is False and cfg.engine.max_batch_size == 8
+    assert cfg.engine.max_num_tokens == 8192 and cfg.model_name == "smollm2-135m"
+    assert cfg.api_key is None
+
+
+def test_api_key_precedence_flag_yaml_env():
+    env = {"KILN_API_KEY": "from-env"}
+    assert build_config({"engine_dir": "e"}, {}, env).api_key == "from-env"
+    assert build_config({"engine_dir": "e"}, {"api_key": "from-yaml"}, env).api_key == "from-yaml"
+    assert build_config({"engine_dir": "e", "api_key": "flag"}, {"api_key": "y"}, env).api_key == "flag"
+    assert build_config({"engine_dir": "e"}, {}, {}).api_key is None
+    assert "flag" not in repr(build_config({"engine_dir": "e", "api_key": "flag"}, {}, {}))
+
+
+@pytest.mark.parametrize("cli, yaml_values, needle", [
+    ({}, {}, "engine directory"),
+    ({"engine_dir": "e", "port": 70000}, {}, "port"),
+    ({"engine_dir": "e", "max_queue": 0}, {}, "max_queue"),
+    ({"engine_dir": "e", "block_size": 0}, {}, "block_size"),
+    ({"engine_dir": "e", "device": "tpu"}, {}, "device"),
+])
+def test_bad_options_name_the_option(cli, yaml_values, needle):
+    with pytest.raises(ServerConfigError, match=needle):
+        build_config(cli, yaml_values, {})
+
+
+def test_unknown_yaml_key_is_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("engine_dir: e\nmax_queu: 3\n")
+    with pytest.raises(ServerConfigError, match="max_queu"):
+        parse_config(["--config", str(path)])
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path):
+    for args in (["--port", "-1", "e"], [str(tmp_path / "missing-engine")]):
+        r = subprocess.run([sys.executable, "-m", "kiln.server", *args], capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0
+        assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+        assert r.stderr.startswith("serve-llm: error:")
