@@ -1,8 +1,9 @@
 """LLMEngine: the loop that joins the scheduler (a plan), the model runner (tensors) and the
 detokenizer (text) into per-request outputs.
 
-One step: ``Scheduler.schedule()`` -> ``ModelRunner.execute_model()`` -> ``Scheduler.update()``
--> detokenize, check stop strings -> ``RequestOutput``s. The engine owns no tensors and makes
+One step: ``Scheduler.schedule()`` -> ``ModelRunner.launch()`` -> (while the device runs:
+detokenize the previous step's tokens, check stop strings, build ``RequestOutput``s) ->
+``ModelRunner.collect()`` -> ``Scheduler.update()``. The engine owns no tensors and makes
 no scheduling decision; it translates between request ids the caller knows (a parent request
 with n choices) and the sequences the scheduler runs (one child per choice).
 """
@@ -18,7 +19,7 @@ from typing import Any
 
 from kiln.engine_builder.format import load_engine
 from kiln.runtime.config import EngineConfig
-from kiln.runtime.model_runner import ModelRunner
+from kiln.runtime.model_runner import ModelRunner, StepHandle
 from kiln.runtime.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput, SequenceTracker
 from kiln.scheduler import RequestRejected, Scheduler, SchedulerConfig
 from kiln.scheduler.interface import RunnerOutput, SchedulerOutput
@@ -80,6 +81,9 @@ class LLMEngine:
         self._num_generation_tokens = 0
         self._num_failed_steps = 0
         self._undelivered_finished_ids: set[str] = set()
+        # Requests changed by the last step whose outputs the next step() builds (overlap).
+        self._pending: list[Request] = []
+        self._pending_output: RunnerOutput | None = None
         logger.info(
             "engine ready: %s, max_model_len=%d, %d KV blocks of %d tokens",
             self.model_config.architecture, self.max_model_len, self.runner.num_blocks, self.runner.block_size,
@@ -189,41 +193,92 @@ class LLMEngine:
     # ------------------------------------------------------------------ the loop
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduler step and return one output per request that changed."""
+        """Run one scheduler step; return one output per request that changed.
+
+        The host work of outputs (detokenizing, stop strings, RequestOutputs) overlaps the
+        device: while step N runs, the results of step N-1 become outputs. So a token usually
+        reaches the caller one ``step()`` after it was sampled; a request's first token, and
+        everything when nothing ran on the device this step, come at once. A stop string found
+        late finishes the request then; the token step N sampled for it meanwhile is dropped.
+        """
         scheduler_output = self.scheduler.schedule()
-        runner_output = self._execute(scheduler_output)
+        handle = self._launch(scheduler_output)
+        touched: dict[str, dict[int, CompletionOutput]] = {}
+        pending, pending_output = self._pending, self._pending_output
+        self._pending, self._pending_output = [], None
+        if handle.in_flight:  # the device is busy with this step: the host catches up meanwhile
+            self._process_all(pending, pending_output, touched)
+            pending = []
+        runner_output = self._collect(handle, scheduler_output)
         changed = self.scheduler.update(scheduler_output, runner_output)
-        now = time.monotonic()
-        touched: dict[str, list[tuple[int, CompletionOutput]]] = {}
-        for request in changed:
-            tracker = self._children.get(request.request_id)
-            if tracker is None:
-                continue  # aborted by the caller in the meantime
-            completion = self._process(tracker, runner_output, now)
-            if completion is not None:
-                touched.setdefault(tracker.parent_id, []).append((tracker.index, completion))
+        if pending:  # nothing was in flight: deliver both steps' results now
+            self._process_all(pending, pending_output, touched)
+        if not handle.in_flight:
+            self._process_all(changed, runner_output, touched)
+        else:
+            self._defer(changed, runner_output, touched)
         return [self._parent_output(pid, choices) for pid, choices in touched.items()]
 
-    def _execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
-        """Run the model; a failing step fails only the requests it held, the loop goes on."""
+    def _defer(self, changed: list[Request], runner_output: RunnerOutput,
+               touched: dict[str, dict[int, CompletionOutput]]) -> None:
+        """Keep ``changed`` for the next step, except first tokens (time to first token
+        matters more than the few microseconds each costs now)."""
+        children = self._children
+        first: list[Request] = []
+        later: list[Request] = []
+        for request in changed:
+            tracker = children.get(request.request_id)
+            if tracker is not None and not tracker.token_ids:
+                first.append(request)
+            else:
+                later.append(request)
+        if first:
+            self._process_all(first, runner_output, touched)
+        self._pending, self._pending_output = later, runner_output
+
+    def _process_all(self, requests: list[Request], runner_output: RunnerOutput | None,
+                     touched: dict[str, dict[int, CompletionOutput]]) -> None:
+        now = time.monotonic()
+        children = self._children
+        logprobs = runner_output.logprobs if runner_output is not None else {}
+        for request in requests:
+            tracker = children.get(request.request_id)
+            if tracker is None or tracker.request is not request:
+                continue  # aborted by the caller in the meantime (its id may be reused)
+            completion = self._process(tracker, logprobs, now)
+            if completion is not None:
+                touched.setdefault(tracker.parent_id, {})[tracker.index] = completion
+
+    def _launch(self, scheduler_output: SchedulerOutput) -> StepHandle:
+        """Start the model step; a failing step fails only the requests it held."""
         if self._undelivered_finished_ids:
             scheduler_output.finished_request_ids |= self._undelivered_finished_ids
             self._undelivered_finished_ids = set()
         try:
-            return self.runner.execute_model(scheduler_output)
+            return self.runner.launch(scheduler_output)
         except Exception:
-            ids = sorted(scheduler_output.num_scheduled_tokens)
-            self._num_failed_steps += 1
-            logger.exception("model step failed for %d requests %s; finishing them with an error", len(ids), ids[:8])
-            # The runner may have raised before dropping these: tell it again next step.
-            self._undelivered_finished_ids = set(scheduler_output.finished_request_ids)
-            return RunnerOutput(failed_request_ids=set(ids))
+            return StepHandle(self._failed_step(scheduler_output))
 
-    def _process(self, tracker: SequenceTracker, runner_output: RunnerOutput, now: float) -> CompletionOutput | None:
-        request = tracker.request
-        num_before = tracker.num_seen_tokens
+    def _collect(self, handle: StepHandle, scheduler_output: SchedulerOutput) -> RunnerOutput:
         try:
-            completion = tracker.update(runner_output.logprobs.get(request.request_id))
+            return self.runner.collect(handle)
+        except Exception:
+            return self._failed_step(scheduler_output)
+
+    def _failed_step(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        ids = sorted(scheduler_output.num_scheduled_tokens)
+        self._num_failed_steps += 1
+        logger.exception("model step failed for %d requests %s; finishing them with an error", len(ids), ids[:8])
+        # The runner may have raised before dropping these: tell it again next step.
+        self._undelivered_finished_ids = set(scheduler_output.finished_request_ids)
+        return RunnerOutput(failed_request_ids=set(ids))
+
+    def _process(self, tracker: SequenceTracker, logprobs: dict[str, list[tuple[float, list[tuple[int, float]]]]],
+                 now: float) -> CompletionOutput | None:
+        request = tracker.request
+        num_before = len(tracker.token_ids)
+        try:
+            completion = tracker.update(logprobs.get(request.request_id) if logprobs else None)
         except Exception:
             logger.exception("output processing failed for request %s", request.request_id)
             if not request.is_finished:
@@ -231,7 +286,7 @@ class LLMEngine:
             completion = tracker.fail()
         if tracker.stop_string_hit and not request.is_finished:
             self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED, completion.stop_reason)
-        num_new = tracker.num_seen_tokens - num_before
+        num_new = len(tracker.token_ids) - num_before
         if num_new and num_before == 0:  # the prompt counts once its prefill produced a token
             self._num_prompt_tokens += request.num_prompt_tokens
         self._num_generation_tokens += num_new
@@ -254,15 +309,15 @@ class LLMEngine:
             if parent.finished:
                 metrics.finished_time = now
 
-    def _parent_output(self, parent_id: str, choices: list[tuple[int, CompletionOutput]]) -> RequestOutput:
+    def _parent_output(self, parent_id: str, choices: dict[int, CompletionOutput]) -> RequestOutput:
         parent = self._parents[parent_id]
         output = RequestOutput(
             request_id=parent_id,
             prompt=parent.prompt,
             prompt_token_ids=parent.prompt_token_ids,
-            outputs=[c for _, c in sorted(choices, key=lambda ic: ic[0])],
+            outputs=list(choices.values()) if len(choices) == 1 else [choices[i] for i in sorted(choices)],
             finished=parent.finished,
-            metrics=dataclasses.replace(parent.metrics),
+            metrics=parent.metrics.snapshot(),  # the parent's own keeps changing
             num_cached_tokens=parent.metrics.num_cached_tokens,
         )
         if parent.finished:

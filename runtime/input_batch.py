@@ -7,8 +7,9 @@ O(1) list work), staged in pinned CPU buffers and copied with one ``non_blocking
 buffer into persistent device buffers. A decode-only step whose batch size has a CUDA graph
 is padded to that size: the persistent device buffers are the graphs' static inputs.
 
-Buffer reuse is safe because each step ends by reading the sampled ids back to the host:
-the previous step's copies (and the kernels reading the device buffers) are done by then.
+Buffer reuse is safe because a step's sampled ids are read back to the host
+(``ModelRunner.collect``) before the next step is prepared: the previous step's copies (and
+the kernels reading the device buffers) are done by then.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from kiln.runtime.attention import AttentionMetadata
 from kiln.runtime.sampler import SamplingMetadata, SamplingRows
+from kiln.runtime.staging import Staging
 from kiln.scheduler.interface import SchedulerOutput
 from kiln.scheduler.sampling_params import SamplingParams
 
@@ -71,71 +73,6 @@ class SamplingBatch:
     logprobs: np.ndarray
 
 
-class _Staging:
-    """One pinned host byte buffer and one persistent device byte buffer, carved into a
-    typed region per input tensor at fixed offsets, so a step is ONE host-to-device copy.
-
-    Invariants: ``dev[name]`` never moves (CUDA graphs captured on its views stay valid);
-    staged values reach the device only at ``flush``, which copies the byte prefix up to
-    the highest staged end (the small regions come first, block tables last). Block tables
-    are staged compactly ([B, max_blocks]) and, for graphs, scattered into the full-width
-    ``block_tables`` by one device copy.
-    """
-
-    def __init__(self, max_tokens: int, max_reqs: int, max_blocks_per_seq: int, device: torch.device) -> None:
-        regions = [("seq_lens", torch.int32, max_reqs), ("query_start_loc", torch.int32, max_reqs + 1),
-                   ("logits_indices", torch.int64, max_reqs), ("input_ids", torch.int64, max_tokens),
-                   ("positions", torch.int64, max_tokens), ("slot_mapping", torch.int64, max_tokens),
-                   ("block_tables", torch.int32, max_reqs * max_blocks_per_seq)]
-        self.offset: dict[str, int] = {}
-        total = 0
-        for name, dtype, count in regions:
-            self.offset[name] = total
-            total += -(-count * dtype.itemsize // 256) * 256  # 256-byte aligned regions
-        self.host_bytes = torch.zeros(total, dtype=torch.uint8, pin_memory=device.type == "cuda")
-        self.dev_bytes = torch.zeros(total, dtype=torch.uint8, device=device)
-        self.on_cpu = device.type == "cpu"
-        self.host_np_bytes = self.host_bytes.numpy()
-        self.dev_np = self.dev_bytes.numpy() if self.on_cpu else None
-        self.host_np: dict[str, np.ndarray] = {}
-        self.dev: dict[str, torch.Tensor] = {}
-        self.itemsize: dict[str, int] = {}
-        for name, dtype, count in regions:
-            lo, hi = self.offset[name], self.offset[name] + count * dtype.itemsize
-            self.host_np[name] = self.host_bytes[lo:hi].view(dtype).numpy()
-            self.dev[name] = self.dev_bytes[lo:hi].view(dtype)
-            self.itemsize[name] = dtype.itemsize
-        self.end = 0
-        self.block_tables = torch.zeros((max_reqs, max_blocks_per_seq), dtype=torch.int32, device=device)
-        # Decode steps (one token per request) always have query_start_loc = arange.
-        self.decode_qsl = torch.arange(max_reqs + 1, dtype=torch.int32, device=device)
-
-    def stage(self, name: str, values: np.ndarray) -> torch.Tensor:
-        """Write values into the host region; returns the device view they land in at flush."""
-        n = values.size
-        self.host_np[name][:n] = values.reshape(-1)
-        self.end = max(self.end, self.offset[name] + n * self.itemsize[name])
-        return self.dev[name][:n]
-
-    def flush(self) -> None:
-        if not self.end:
-            return
-        if self.on_cpu:  # numpy: torch's CPU byte copy is orders of magnitude slower
-            self.dev_np[: self.end] = self.host_np_bytes[: self.end]
-        else:
-            self.dev_bytes[: self.end].copy_(self.host_bytes[: self.end], non_blocking=True)
-        self.end = 0
-
-    def stage_block_table(self, table: np.ndarray) -> torch.Tensor:
-        return self.stage("block_tables", table).view(table.shape)
-
-    def scatter_block_table(self, compact: torch.Tensor) -> torch.Tensor:
-        """After flush: the compact table copied into the full-width one (graph layout)."""
-        rows, cols = compact.shape
-        self.block_tables[:rows, :cols].copy_(compact)
-        return self.block_tables[:rows]
-
-
 class InputBatch:
     """Per-request state keyed by request_id, stored in preallocated numpy rows.
 
@@ -158,10 +95,11 @@ class InputBatch:
         self.num_tokens = np.zeros(max_batch_size, dtype=np.int64)
         self.num_computed = np.zeros(max_batch_size, dtype=np.int64)
         self.num_blocks_of = np.zeros(max_batch_size, dtype=np.int64)
-        self.sampling = SamplingRows(max_batch_size)
+        self.num_prompt = np.zeros(max_batch_size, dtype=np.int64)
+        self.sampling = SamplingRows(max_batch_size, vocab_size)
         self.requests: dict[str, RequestState] = {}
         self.free_rows = list(range(max_batch_size - 1, -1, -1))
-        self.staging = _Staging(max(max_num_tokens, max_batch_size), max_batch_size, self.max_blocks_per_seq, device)
+        self.staging = Staging(max(max_num_tokens, max_batch_size), max_batch_size, self.max_blocks_per_seq, device)
         self.graph_sizes: list[int] = []  # sorted batch sizes with a captured decode graph
 
     # ------------------------------------------------------------------ state
@@ -175,7 +113,7 @@ class InputBatch:
             self.remove(new.request_id)  # a resumed request replaces its old state
             try:
                 self.add(new.request_id, new.token_ids, new.num_prompt_tokens, new.sampling_params,
-                         new.block_ids, new.num_computed_tokens)
+                         new.block_ids, new.num_computed_tokens, new.eos_token_ids)
             except InvalidRequestError as exc:
                 logger.warning("request %s rejected by the runner: %s", new.request_id, exc)
                 failed.add(new.request_id)
@@ -194,7 +132,7 @@ class InputBatch:
         return failed
 
     def add(self, request_id: str, token_ids: list[int], num_prompt_tokens: int, params: SamplingParams,
-            block_ids: list[int], num_computed_tokens: int) -> None:
+            block_ids: list[int], num_computed_tokens: int, eos_token_ids: frozenset[int] = frozenset()) -> None:
         """Create a request's row; validates everything a later step would trip on."""
         if not self.free_rows:
             raise InvalidRequestError(f"more than max_batch_size={self.max_batch_size} live requests")
@@ -215,7 +153,8 @@ class InputBatch:
         self.token_ids[row, : len(ids)] = ids
         self.num_tokens[row] = len(ids)
         self.num_computed[row] = num_computed_tokens
-        self.sampling.set(row, params)
+        self.num_prompt[row] = num_prompt_tokens
+        self.sampling.set(row, params, eos_token_ids)
         self.requests[request_id] = RequestState(row, num_prompt_tokens, params, generator)
 
     def _append_blocks(self, row: int, block_ids: list[int]) -> None:
@@ -404,7 +343,8 @@ class InputBatch:
     def _sampling_batch(self, request_ids: list[str], rows: np.ndarray) -> SamplingBatch:
         sampling = self.sampling
         logprobs = sampling.logprobs[rows]
-        if sampling.plain_greedy(rows):
+        num_outputs = self.num_tokens[rows] - self.num_prompt[rows]
+        if sampling.plain_greedy(rows) and not len(sampling.banning_rows(rows, num_outputs)):
             return SamplingBatch(request_ids, None, logprobs)
         states = [self.requests[r] for r in request_ids]
         prompt_ids: list[list[int]] = []
@@ -418,5 +358,5 @@ class InputBatch:
                 prompt_ids.append([])
                 output_ids.append([])
         metadata = sampling.metadata(rows, [s.generator for s in states], prompt_ids, output_ids,
-                                     self.vocab_size, self.device)
+                                     self.vocab_size, self.device, num_outputs)
         return SamplingBatch(request_ids, metadata, logprobs)

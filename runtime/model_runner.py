@@ -2,7 +2,9 @@
 
 The runner decides nothing about who runs: it holds the model, the KV cache and the
 per-request ``InputBatch``, and turns each plan into tensors and the sampled tokens back into
-Python lists with one host sync per step. Decode-only steps replay CUDA graphs
+Python lists with one host sync per step. A step is split in two so the engine loop can work
+while the device runs: ``launch`` (prepare, forward, sample, queue the copy of the sampled
+ids into pinned memory) and ``collect`` (wait for that copy, record the tokens). Decode-only steps replay CUDA graphs
 (runtime/cuda_graphs.py) unless ``enforce_eager``; everything else runs eagerly.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -61,6 +64,9 @@ class ModelRunner:
             engine_config.max_batch_size, self.max_model_len, engine_config.max_num_tokens,
             self.block_size, self.num_blocks, self.vocab_size, self.device,
         )
+        # Pinned landing buffer of each step's sampled ids (reused: collect precedes launch).
+        self._sampled_host = torch.zeros(engine_config.max_batch_size, dtype=torch.int64,
+                                         pin_memory=self.device.type == "cuda")
         self.graphs: DecodeGraphs | None = None
         if self._use_graphs():
             self.enable_decode_graphs(use_graphs=True)
@@ -189,22 +195,61 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
-        """Run one step; a request that cannot be prepared fails alone (failed_request_ids)."""
+        """Run one step to completion (``launch`` then ``collect``)."""
+        return self.collect(self.launch(scheduler_output))
+
+    @torch.inference_mode()
+    def launch(self, scheduler_output: SchedulerOutput) -> StepHandle:
+        """Prepare, run and sample one step without waiting for the device.
+
+        A request that cannot be prepared fails alone (``failed_request_ids``). The sampled
+        ids are copied into pinned host memory behind the step's kernels; ``collect`` waits
+        for them. Call ``collect`` before the next ``launch``: the staging buffers and the
+        pinned copy are reused by every step.
+        """
         batch = self.input_batch
         failed = batch.apply(scheduler_output)
         failed |= batch.check_scheduled(scheduler_output)
         for request_id in failed:
             batch.remove(request_id)
-        output = RunnerOutput(failed_request_ids=failed)
+        handle = StepHandle(RunnerOutput(failed_request_ids=failed))
         prepared = batch.prepare(scheduler_output, skip=failed)
         if prepared is None:
-            return output
+            return handle
         inputs, sampling, rows = prepared
         logits = self._forward(inputs)
         if not sampling.request_ids:
-            return output
+            return handle
         sampled = self._sample(logits, sampling)
-        self._collect(sampling, rows, sampled, output)
+        handle.sampling, handle.rows = sampling, rows
+        self._start_copy(handle, sampled)
+        return handle
+
+    def _start_copy(self, handle: StepHandle, sampled: SamplerOutput) -> None:
+        """Queue the device-to-host copies of the step's results and an event after them."""
+        ids = sampled.sampled_token_ids
+        lp = sampled.logprobs
+        if self.device.type != "cuda":
+            handle.token_ids = ids
+            handle.logprobs = None if lp is None else (lp.chosen, lp.top_ids, lp.top_logprobs)
+            return
+        host = self._sampled_host[: ids.shape[0]]
+        host.copy_(ids, non_blocking=True)
+        handle.token_ids = host
+        if lp is not None:
+            handle.logprobs = tuple(t.to("cpu", non_blocking=True)
+                                    for t in (lp.chosen, lp.top_ids, lp.top_logprobs))
+        handle.event = torch.cuda.Event()
+        handle.event.record()
+
+    def collect(self, handle: StepHandle) -> RunnerOutput:
+        """Wait for a launched step (its one host sync) and record the sampled tokens."""
+        output = handle.output
+        if handle.sampling is None:
+            return output
+        if handle.event is not None:
+            handle.event.synchronize()
+        self._collect(handle.sampling, handle.rows, handle.token_ids.numpy(), handle.logprobs, output)
         return output
 
     def _forward(self, inputs: ModelInputs) -> torch.Tensor:
@@ -218,18 +263,34 @@ class ModelRunner:
             return SamplerOutput(sampled_token_ids=logits.argmax(dim=-1), logprobs=None)
         return self.sampler(logits, sampling.metadata)
 
-    def _collect(self, sampling: SamplingBatch, rows: np.ndarray, sampled: SamplerOutput,
-                 output: RunnerOutput) -> None:
-        """Read the sampled ids back (the step's one sync) and record them per request."""
-        token_ids = sampled.sampled_token_ids.cpu().numpy()
+    def _collect(self, sampling: SamplingBatch, rows: np.ndarray, token_ids: np.ndarray,
+                 logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, output: RunnerOutput) -> None:
+        """Record the sampled ids (already on the host) per request."""
         self.input_batch.append_sampled(rows, token_ids)
         output.sampled_token_ids = {r: [t] for r, t in zip(sampling.request_ids, token_ids.tolist())}
-        if sampled.logprobs is None:
+        if logprobs is None:
             return
-        chosen = sampled.logprobs.chosen.tolist()
-        top_ids = sampled.logprobs.top_ids.tolist()
-        top_lps = sampled.logprobs.top_logprobs.tolist()
+        chosen, top_ids, top_lps = (t.tolist() for t in logprobs)
         for i in np.flatnonzero(sampling.logprobs >= 0).tolist():
             k = int(sampling.logprobs[i])
             top = list(zip(top_ids[i][:k], top_lps[i][:k]))
             output.logprobs[sampling.request_ids[i]] = [(chosen[i], top)]
+
+
+@dataclass
+class StepHandle:
+    """A launched step. ``sampling`` is None when nothing was sampled (then ``output`` is
+    final at once); else ``token_ids`` (and ``logprobs``) are host tensors that hold the
+    results once ``event`` (None on CPU: already done) has completed."""
+
+    output: RunnerOutput
+    sampling: SamplingBatch | None = None
+    rows: np.ndarray | None = None
+    token_ids: torch.Tensor | None = None
+    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    event: torch.cuda.Event | None = None
+
+    @property
+    def in_flight(self) -> bool:
+        """True when the step produced samples still to be collected."""
+        return self.sampling is not None

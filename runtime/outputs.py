@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kiln.runtime.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from kiln.scheduler.request import Request, RequestStatus
+from kiln.scheduler.request import FINISH_REASONS, Request, RequestStatus
+
+_FINISHED = frozenset(status for status in RequestStatus if status.finished)
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,11 @@ class RequestMetrics:
         if self.first_scheduled_time is None:
             return None
         return self.first_scheduled_time - self.arrival_time
+
+    def snapshot(self) -> RequestMetrics:
+        """A copy (several times cheaper than copy.copy or dataclasses.replace)."""
+        return RequestMetrics(self.arrival_time, self.first_scheduled_time, self.first_token_time,
+                              self.last_token_time, self.finished_time, self.num_cached_tokens)
 
 
 @dataclass
@@ -151,18 +158,23 @@ class SequenceTracker:
         return self.finish_reason is not None
 
     def update(self, runner_logprobs: list[tuple[float, list[tuple[int, float]]]] | None) -> CompletionOutput | None:
-        """Take the request's new tokens; None when nothing visible changed."""
-        if self.finished:
+        """Take the request's new tokens; None when nothing visible changed.
+
+        The hot path of the engine loop (once per running request per step): no work for
+        logprobs or text unless the request has them.
+        """
+        if self.finish_reason is not None:
             return None
         request = self.request
         new_ids = request.output_token_ids[len(self.token_ids):]
         self.token_ids.extend(new_ids)
-        delta_logprobs = self._take_logprobs(new_ids, runner_logprobs)
-        delta_text = self._take_text(new_ids)
-        if not self.finished and request.is_finished:
-            self.finish_reason = request.finish_reason
+        finished = request.status in _FINISHED  # an enum property is slow here
+        delta_logprobs = None if self.logprobs is None else self._take_logprobs(new_ids, runner_logprobs)
+        delta_text = "" if self._detokenizer is None else self._take_text(new_ids, finished)
+        if finished and self.finish_reason is None:
+            self.finish_reason = FINISH_REASONS[request.status]
             self.stop_reason = request.stop_reason
-        if not new_ids and not self.finished:
+        if not new_ids and self.finish_reason is None:
             return None
         return self._completion(delta_text, new_ids, delta_logprobs)
 
@@ -182,9 +194,7 @@ class SequenceTracker:
         self.logprobs.extend(delta)
         return delta
 
-    def _take_text(self, new_ids: list[int]) -> str:
-        if self._detokenizer is None:
-            return ""
+    def _take_text(self, new_ids: list[int], finished: bool) -> str:
         request = self.request
         params = request.sampling_params
         ids = new_ids
@@ -192,9 +202,9 @@ class SequenceTracker:
         if ids and stopped_by_token and not params.include_stop_str_in_output:
             ids = ids[:-1]  # EOS / stop token ids end the text; they are not part of it
         # A finished request flushes what both stages hold back (partial characters, stop prefixes).
-        delta = self._detokenizer.add_tokens(ids, finished=request.is_finished)
+        delta = self._detokenizer.add_tokens(ids, finished=finished)
         if self._stop_matcher is not None:
-            delta, stop = self._stop_matcher.process(delta, finished=request.is_finished)
+            delta, stop = self._stop_matcher.process(delta, finished=finished)
             if stop is not None:
                 self.stop_string_hit = True
                 self.finish_reason, self.stop_reason = "stop", stop
@@ -212,6 +222,6 @@ class SequenceTracker:
             stop_reason=self.stop_reason,
             logprobs=list(self.logprobs) if self.logprobs is not None else None,
             delta_text=delta_text,
-            delta_token_ids=list(delta_ids),
+            delta_token_ids=delta_ids,  # the caller's fresh list, never touched again
             delta_logprobs=delta_logprobs,
         )

@@ -52,6 +52,9 @@ class SamplingMetadata:
     # Largest top_k over random rows when every random row uses top-k (else None): lets the
     # sampler take torch.topk of that width instead of sorting the whole vocabulary.
     max_top_k: int | None = None
+    # (row indices, token ids) whose logits are -inf before sampling: EOS / stop ids of rows
+    # that have fewer than min_tokens outputs. None when no row needs it.
+    banned: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def build(
@@ -76,17 +79,22 @@ class SamplingRows:
 
     Invariants: row r holds the settings last ``set`` for it, already normalised the way
     SamplingMetadata wants them (greedy rows: temperature 0, top_k 0, top_p 1, min_p 0);
-    ``logprobs[r]`` is -1 when the row asked for none.
+    ``logprobs[r]`` is -1 when the row asked for none; ``min_tokens[r]`` is 0 unless the row
+    has ids to ban (``stop_ids[r]``: its EOS unless ignore_eos, and its stop_token_ids, all
+    inside the vocabulary) while it has fewer than that many outputs.
     """
 
-    def __init__(self, num_rows: int) -> None:
+    def __init__(self, num_rows: int, vocab_size: int | None = None) -> None:
         self.floats = np.zeros((6, num_rows), dtype=np.float32)  # temperature, top_p, min_p, rep, pres, freq
         self.top_k = np.zeros(num_rows, dtype=np.int32)
         self.greedy = np.ones(num_rows, dtype=bool)
         self.penalties = np.zeros(num_rows, dtype=bool)
         self.logprobs = np.full(num_rows, -1, dtype=np.int32)
+        self.min_tokens = np.zeros(num_rows, dtype=np.int64)
+        self.stop_ids: list[tuple[int, ...]] = [()] * num_rows
+        self.vocab_size = vocab_size
 
-    def set(self, row: int, p: SamplingParams) -> None:
+    def set(self, row: int, p: SamplingParams, eos_token_ids: frozenset[int] = frozenset()) -> None:
         greedy = p.greedy
         self.floats[:, row] = (0.0 if greedy else p.temperature, 1.0 if greedy else p.top_p,
                                0.0 if greedy else p.min_p, p.repetition_penalty, p.presence_penalty,
@@ -95,9 +103,37 @@ class SamplingRows:
         self.greedy[row] = greedy
         self.penalties[row] = p.needs_penalties
         self.logprobs[row] = -1 if p.logprobs is None else p.logprobs
+        stops: set[int] = set(p.stop_token_ids) if p.min_tokens else set()
+        if p.min_tokens and not p.ignore_eos:
+            stops |= eos_token_ids
+        if self.vocab_size is not None:
+            stops = {t for t in stops if t < self.vocab_size}  # ids past the vocab can never be sampled
+        self.stop_ids[row] = tuple(sorted(stops))
+        self.min_tokens[row] = p.min_tokens if stops else 0
+
+    def banning_rows(self, rows: np.ndarray, num_outputs: np.ndarray) -> np.ndarray:
+        """Positions i (into ``rows``) whose row must not sample a stop id yet: it has fewer
+        than min_tokens outputs (the scheduler ignores stops there, see scheduler/stopping.py)."""
+        return np.flatnonzero(self.min_tokens[rows] > num_outputs)
+
+    def banned(self, rows: np.ndarray, positions: np.ndarray, device: torch.device | str
+               ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(batch row, token id) index tensors of the ids banned at ``positions``."""
+        if not len(positions):
+            return None
+        stop_ids = self.stop_ids
+        pos_list, ids = [], []
+        for i in positions.tolist():  # only rows still under min_tokens, usually few
+            row_ids = stop_ids[int(rows[i])]
+            pos_list.extend([i] * len(row_ids))
+            ids.extend(row_ids)
+        pairs = torch.tensor([pos_list, ids], dtype=torch.int64)
+        pairs = _to_device(pairs, device)
+        return pairs[0], pairs[1]
 
     def plain_greedy(self, rows: np.ndarray) -> bool:
-        """True when every row is greedy without penalties or logprobs: a bare argmax."""
+        """True when every row is greedy without penalties, logprobs or a min_tokens ban:
+        a bare argmax (the caller checks the ban, see ``banning_rows``)."""
         return bool(self.greedy[rows].all() and not self.penalties[rows].any() and (self.logprobs[rows] < 0).all())
 
     def metadata(
@@ -108,9 +144,12 @@ class SamplingRows:
         output_ids: Sequence[Sequence[int]],
         vocab_size: int,
         device: torch.device | str,
+        num_outputs: np.ndarray | None = None,
     ) -> SamplingMetadata:
         """SamplingMetadata of ``rows`` (in that order); generators and token ids are per row
-        of the result. Two host-to-device copies: the float settings and top_k."""
+        of the result; ``num_outputs`` (outputs so far per row, None = min_tokens is not
+        checked) drives the min_tokens ban. Two host-to-device copies: the float settings
+        and top_k (a third for the ban, when some row needs it)."""
         floats = self.floats[:, rows]
         top_k = self.top_k[rows]
         greedy = self.greedy[rows]
@@ -140,6 +179,7 @@ class SamplingRows:
             no_top_p=bool((floats[1] >= 1.0).all()),
             no_min_p=not floats[2].any(),
             max_top_k=int(random_ks.max()) if len(random_ks) and random_ks.min() > 0 else None,
+            banned=None if num_outputs is None else self.banned(rows, self.banning_rows(rows, num_outputs), device),
         )
 
 
@@ -188,6 +228,8 @@ class Sampler:
 
         if not metadata.no_penalties:
             logits = apply_penalties(logits, metadata)
+        if metadata.banned is not None:  # after the raw logprobs: those stay unprocessed
+            logits = logits.index_put(metadata.banned, logits.new_full((), _NEG_INF))
 
         if metadata.all_greedy:
             sampled = logits.argmax(dim=-1)

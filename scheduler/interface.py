@@ -25,7 +25,8 @@ class NewRequestData:
     ``token_ids`` are all tokens known so far (prompt + outputs when resuming), and
     ``num_computed_tokens`` how many of them already have KV in ``block_ids`` (prefix-cache
     hits). ``num_prompt_tokens`` separates prompt from output (the sampler's penalties
-    need it).
+    need it). ``eos_token_ids`` are the request's EOS ids: the sampler bans them (unless
+    ignore_eos) and its stop_token_ids until ``min_tokens`` outputs exist.
     """
 
     request_id: str
@@ -34,6 +35,7 @@ class NewRequestData:
     sampling_params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int
+    eos_token_ids: frozenset[int] = frozenset()
 
 
 @dataclass(slots=True)

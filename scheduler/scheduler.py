@@ -310,6 +310,7 @@ class Scheduler:
                 sampling_params=request.sampling_params,
                 block_ids=list(bm.get_block_ids(rid)),
                 num_computed_tokens=hit.num_tokens,
+                eos_token_ids=request.eos_token_ids,
             )
         )
         return True

@@ -147,7 +147,7 @@ def test_logprobs_match_transformers(tiny: TinyEngine, engine) -> None:
 def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(tiny: TinyEngine, engine, monkeypatch) -> None:
     prompts = random_prompts(15, [6, 9], tiny.vocab_size)
     engine.add_request("doomed", prompts[0], greedy(8))
-    real = engine.runner.execute_model
+    real = engine.runner.launch
     calls = {"n": 0}
 
     def flaky(scheduler_output):
@@ -156,7 +156,7 @@ def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(tiny: TinyEngine
             raise RuntimeError("simulated kernel failure")
         return real(scheduler_output)
 
-    monkeypatch.setattr(engine.runner, "execute_model", flaky)
+    monkeypatch.setattr(engine.runner, "launch", flaky)
     collector = OutputCollector()
     collector.step(engine)
     collector.step(engine)
@@ -167,3 +167,15 @@ def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(tiny: TinyEngine
     assert results["fine"].outputs[0].token_ids == tiny.hf_greedy(prompts[1], 8)
     stats = engine.get_stats()
     assert stats.num_failed_steps == 1 and stats.kv_cache_usage == 0.0
+
+
+def test_tokens_arrive_one_step_late_except_the_first(tiny: TinyEngine, engine) -> None:
+    (prompt,) = random_prompts(16, [5], tiny.vocab_size)
+    engine.add_request("a", prompt, greedy(4))
+    deltas = []
+    while engine.has_unfinished_requests():
+        deltas.append([o.outputs[0].delta_token_ids for o in engine.step()])
+    # Step 1 samples token 1 and delivers it at once; tokens 2..4 (sampled in steps 2..4)
+    # come out while the next step runs; the last one in a step with nothing scheduled.
+    tokens = tiny.hf_greedy(prompt, 4)
+    assert deltas == [[tokens[:1]], [], [tokens[1:2]], [tokens[2:3]], [tokens[3:4]]]
