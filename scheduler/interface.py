@@ -72,10 +72,6 @@ class SchedulerOutput:
     def total_num_scheduled_tokens(self) -> int:
         return sum(self.num_scheduled_tokens.values())
 
-    @property
-    def is_empty(self) -> bool:
-        return not self.num_scheduled_tokens
-
 
 @dataclass
 class RunnerOutput:

@@ -106,6 +106,7 @@ class AsyncEngine:
         self._pending_adds = 0
         self._thread: threading.Thread | None = None
         self._dead = False
+        self._closed = False  # set under _pending_lock when the engine thread exits: no add gets in after
         self.stats = engine.get_stats()
 
     # ----- event-loop side -----
@@ -134,9 +135,11 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         stream = GenerationStream([r.request_id for r in requests])
         sub = _Submission(stream, requests, loop, loop.create_future())
-        with self._pending_lock:
+        with self._pending_lock:  # with _closed: an add is either taken by the thread or rejected
+            if self._closed:
+                raise EngineDeadError("The engine loop has stopped.")
             self._pending_adds += 1
-        self._inbox.put(("add", sub))
+            self._inbox.put(("add", sub))
         self._wake.set()
         try:
             await sub.ack
@@ -180,7 +183,24 @@ class AsyncEngine:
             self._dead = True
             self._fail_all(EngineDeadError("The engine loop has stopped."))
         finally:
+            with self._pending_lock:
+                self._closed = True
             self._fail_all(EngineDeadError("The server is shutting down."))
+            self._reject_queued_adds()
+
+    def _reject_queued_adds(self) -> None:
+        """Answer the submissions still in the inbox (the loop is gone, nobody else will)."""
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                with self._pending_lock:
+                    self._pending_adds -= 1
+                if not payload.loop.is_closed():
+                    error = EngineDeadError("The engine loop has stopped.")
+                    payload.loop.call_soon_threadsafe(_resolve, payload.ack, error)
 
     def _drain_inbox(self) -> bool:
         """Apply queued adds and aborts; True if there were any."""
@@ -263,6 +283,8 @@ class AsyncEngine:
                 logger.exception("abort_request(%s) failed", rid)
             loop = self._loops[rid]
             self._forget(rid)
+            if self.metrics is not None:
+                self.metrics.forget(rid)
             if not loop.is_closed():
                 loop.call_soon_threadsafe(stream.put, error)
 

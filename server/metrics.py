@@ -96,10 +96,14 @@ class ServerMetrics:
             if out.metrics.queue_time is not None:
                 self.queue_time.observe(out.metrics.queue_time)
 
+    def forget(self, request_id: str) -> None:
+        """Drop the per-request state of a request that ends without a final output (engine thread)."""
+        self._last_token_time.pop(request_id, None)
+
     def on_abort(self, request_id: str | None = None) -> None:
         """A client went away; its request ends as "abort" (engine thread)."""
         if request_id is not None:
-            self._last_token_time.pop(request_id, None)
+            self.forget(request_id)
         self.request_success.labels(model_name=self._labels["model_name"], finished_reason="abort").inc()
 
     def render(self) -> bytes:

@@ -101,7 +101,8 @@ class OpenAIServing:
                 f"tokens and {param} is {requested} ({num_prompt + requested} in total).", param)
         return requested
 
-    async def submit(self, requests: list[EngineRequest]) -> GenerationStream:
+    async def submit(self, requests: list[EngineRequest], prompt_param: str) -> GenerationStream:
+        """Hand the requests to the engine; a rejection names its param, else ``prompt_param``."""
         try:
             return await self.ctx.engine.generate(requests)
         except QueueFullError as e:
@@ -109,7 +110,7 @@ class OpenAIServing:
         except EngineDeadError as e:
             raise APIError(503, str(e)) from None
         except ValueError as e:  # the engine rejected the request (too long, bad params)
-            raise bad_request(str(e), getattr(e, "param", None)) from None
+            raise bad_request(str(e), getattr(e, "param", None) or prompt_param) from None
 
     async def collect(self, stream: GenerationStream, raw_request: Request) -> Finished:
         """Run ``stream`` to the end; abort it if the client disconnects first."""

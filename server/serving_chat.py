@@ -42,7 +42,7 @@ class ChatServing(OpenAIServing):
         max_tokens = self.max_tokens_for(len(prompt_ids), requested, param, "messages")
         params = req.to_sampling_params(max_tokens)
         request_id = new_id("chatcmpl")
-        stream = await self.submit([EngineRequest(request_id, prompt_ids, params, arrival)])
+        stream = await self.submit([EngineRequest(request_id, prompt_ids, params, arrival)], "messages")
         model = self.ctx.served_model_name
         if req.stream:
             return self.sse(stream, self._chunks(stream, req, request_id, created, model))

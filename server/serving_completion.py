@@ -47,7 +47,7 @@ class CompletionServing(OpenAIServing):
             rid = request_id if len(prompt_ids) == 1 else f"{request_id}-{i}"
             requests.append(EngineRequest(rid, ids, req.to_sampling_params(max_tokens), arrival))
         prompt_index = {r.request_id: i for i, r in enumerate(requests)}
-        stream = await self.submit(requests)
+        stream = await self.submit(requests, "prompt")
         model = self.ctx.served_model_name
         if req.stream:
             return self.sse(stream, self._chunks(stream, req, request_id, created, model, prompt_index))

@@ -88,6 +88,8 @@ class FakeEngine:
 
     def add_request(self, request_id, prompt, sampling_params, arrival_time=None, priority=0) -> None:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:  # as the real scheduler does (RequestRejected, no param)
+            raise ValueError("the prompt is empty: at least one prompt token is needed")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens, but max_model_len is {self.max_model_len}")
         metrics = RequestMetrics(arrival_time=arrival_time or time.monotonic())

@@ -10,8 +10,11 @@ import httpx
 import pytest
 
 from kiln.runtime.config import EngineConfig
+from kiln.scheduler.sampling_params import SamplingParams
 from kiln.server.app import create_app
+from kiln.server.async_engine import AsyncEngine, EngineDeadError, EngineRequest, EngineStepError
 from kiln.server.config import ServerConfig
+from kiln.server.metrics import ServerMetrics
 
 from .fake_engine import FakeEngine, expected_text
 from .helpers import ThreadServer, metric, sse_events
@@ -116,6 +119,12 @@ def test_chat_bad_fields_are_400_naming_the_param(fake, change, param):
 def test_completions_unsupported_fields_are_400(fake, change, param):
     body = {"model": MODEL, "prompt": "hi", "max_tokens": 2, **change}
     _error(httpx.post(fake[1] + "/v1/completions", json=body, timeout=30), 400, param)
+
+
+def test_engine_rejection_names_the_prompt_param(fake):
+    # The engine's own rejections carry no param; the server names the prompt field.
+    body = {"model": MODEL, "prompt": "", "max_tokens": 2}
+    assert "empty" in _error(httpx.post(fake[1] + "/v1/completions", json=body, timeout=30), 400, "prompt")["message"]
 
 
 def test_context_limit_message_names_the_limit(fake):
@@ -227,3 +236,50 @@ def test_dead_engine_loop_reports_unhealthy():
         assert r.status_code in (500, 503)
         assert httpx.get(server.base_url + "/health").status_code == 503
         _error(httpx.post(server.base_url + "/v1/chat/completions", json=CHAT, timeout=30), 503)
+
+
+def _engine_request(rid: str, max_tokens: int = 50) -> EngineRequest:
+    return EngineRequest(rid, "hi", SamplingParams(max_tokens=max_tokens), time.monotonic())
+
+
+def test_request_queued_while_the_loop_dies_gets_an_error():
+    # A submission that reaches the inbox during the step that kills the loop must not wait forever.
+    engine = FakeEngine(step_delay=0.5)
+    async_engine = AsyncEngine(engine)
+
+    async def run() -> None:
+        async_engine.start()
+        await async_engine.generate([_engine_request("a")])
+        await asyncio.sleep(0.1)  # the engine thread is inside its 0.5 s step now
+        engine.die_next_step = True
+        with pytest.raises(EngineDeadError):
+            await asyncio.wait_for(async_engine.generate([_engine_request("b")]), 5)
+        with pytest.raises(EngineDeadError):  # and nothing is accepted afterwards
+            await async_engine.generate([_engine_request("c")])
+
+    try:
+        asyncio.run(run())
+    finally:
+        async_engine.shutdown()
+    assert async_engine.num_waiting == 0
+
+
+def test_failed_step_leaves_no_per_request_metrics_state():
+    engine = FakeEngine(step_delay=0.02)
+    async_engine = AsyncEngine(engine)
+    metrics = ServerMetrics(lambda: async_engine.stats, MODEL)
+    async_engine.metrics = metrics
+
+    async def run() -> None:
+        async_engine.start()
+        stream = await async_engine.generate([_engine_request("a")])
+        with pytest.raises(EngineStepError):
+            async for out in stream:
+                assert metrics._last_token_time  # the request produced a token
+                engine.raise_next_step = True
+
+    try:
+        asyncio.run(run())
+    finally:
+        async_engine.shutdown()
+    assert metrics._last_token_time == {}
