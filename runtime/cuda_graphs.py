@@ -105,6 +105,13 @@ class DecodeGraphs:
         logger.info("captured %d decode CUDA graphs (batch sizes %d..%d) in %.1f s, using %.3f GiB",
                     len(self.graphs), self.sizes[0], self.sizes[-1], time.perf_counter() - start, used / 2**30)
 
+    def release(self) -> None:
+        """Drop the graphs, their outputs and static views (the shared pool is freed once
+        nothing else holds them); the object is unusable afterwards."""
+        self.graphs.clear()
+        self.outputs.clear()
+        self.inputs.clear()
+
     def replay(self, size: int) -> torch.Tensor:
         """Run the graph of ``size`` on the current contents of the static buffers."""
         if not self.use_graphs:

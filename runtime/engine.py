@@ -6,6 +6,10 @@ detokenize the previous step's tokens, check stop strings, build ``RequestOutput
 ``ModelRunner.collect()`` -> ``Scheduler.update()``. The engine owns no tensors and makes
 no scheduling decision; it translates between request ids the caller knows (a parent request
 with n choices) and the sequences the scheduler runs (one child per choice).
+
+Deleting an engine does not free its device memory (the runner calls ``gc.freeze()`` after
+CUDA-graph capture, so the engine's reference cycles are never collected): call ``shutdown()``,
+or use the engine as a context manager, before building another one in the same process.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 
 from kiln.engine_builder.format import load_engine
 from kiln.runtime.config import EngineConfig
-from kiln.runtime.model_runner import ModelRunner, StepHandle
+from kiln.runtime.model_runner import EngineShutDownError, ModelRunner, StepHandle
 from kiln.runtime.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput, SequenceTracker
 from kiln.scheduler import RequestRejected, Scheduler, SchedulerConfig
 from kiln.scheduler.interface import RunnerOutput, SchedulerOutput
@@ -53,16 +57,19 @@ class LLMEngine:
     Invariants: every child id in ``_children`` belongs to exactly one live parent in
     ``_parents``; a parent is dropped (and its ids may be reused) the step all its choices
     finish, or at once on ``abort_request``. The engine is not thread-safe: one caller drives
-    add_request / abort_request / step (the server's engine thread).
+    add_request / abort_request / step (the server's engine thread). After ``shutdown`` it holds
+    no request and ``add_request`` / ``step`` raise ``EngineShutDownError``.
     """
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.loaded_engine = load_engine(config.engine_dir, rank=0)
-        self.model_config = self.loaded_engine.model_config
-        self.tokenizer = _load_tokenizer(Path(self.loaded_engine.path))
-        self.eos_token_ids = _eos_token_ids(Path(self.loaded_engine.path), self.tokenizer)
-        self.runner = ModelRunner(config, self.loaded_engine)
+        # Not kept: its memory-mapped tensors are only read while the runner builds the model.
+        loaded_engine = load_engine(config.engine_dir, rank=0)
+        self.model_config = loaded_engine.model_config
+        self.tokenizer = _load_tokenizer(Path(loaded_engine.path))
+        self.eos_token_ids = _eos_token_ids(Path(loaded_engine.path), self.tokenizer)
+        self.runner = ModelRunner(config, loaded_engine)
+        del loaded_engine
         self.max_model_len = self._resolve_max_model_len()
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -97,6 +104,27 @@ class LLMEngine:
     def get_tokenizer(self) -> Any:
         return self.tokenizer
 
+    def shutdown(self) -> None:
+        """Abort every request and release the device memory (weights, KV cache, CUDA graphs,
+        batch buffers) now; idempotent. ``del engine`` alone frees none of it (module docstring).
+        Afterwards ``add_request`` and ``step`` raise ``EngineShutDownError``."""
+        if self.runner.is_shut_down:
+            return
+        for request_id in list(self._parents):
+            self.abort_request(request_id)
+        self._pending, self._pending_output = [], None
+        self.runner.shutdown()
+
+    def __enter__(self) -> LLMEngine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
+
+    def _check_running(self) -> None:
+        if self.runner.is_shut_down:
+            raise EngineShutDownError("the engine was shut down; build a new one")
+
     def _resolve_max_model_len(self) -> int:
         limit = self.config.resolve_max_model_len(self.model_config)
         kv_tokens = self.runner.num_blocks * self.runner.block_size
@@ -117,6 +145,7 @@ class LLMEngine:
         priority: int = 0,
     ) -> None:
         """Queue a request; raises a ValueError subclass at once if it can never run."""
+        self._check_running()
         if request_id in self._parents or request_id in self._children:
             raise RequestRejected(f"request id {request_id!r} is already in use")
         params = sampling_params or SamplingParams()
@@ -201,6 +230,7 @@ class LLMEngine:
         everything when nothing ran on the device this step, come at once. A stop string found
         late finishes the request then; the token step N sampled for it meanwhile is dropped.
         """
+        self._check_running()
         scheduler_output = self.scheduler.schedule()
         handle = self._launch(scheduler_output)
         touched: dict[str, dict[int, CompletionOutput]] = {}

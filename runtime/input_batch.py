@@ -36,11 +36,10 @@ class InvalidRequestError(ValueError):
 
 @dataclass
 class RequestState:
-    """One request's runner-side state; its token counts live in InputBatch's row arrays."""
+    """One request's runner-side state; its token counts and sampling settings live in
+    InputBatch's row arrays."""
 
     row: int
-    num_prompt_tokens: int
-    sampling_params: SamplingParams
     generator: torch.Generator | None
 
 
@@ -155,7 +154,7 @@ class InputBatch:
         self.num_computed[row] = num_computed_tokens
         self.num_prompt[row] = num_prompt_tokens
         self.sampling.set(row, params, eos_token_ids)
-        self.requests[request_id] = RequestState(row, num_prompt_tokens, params, generator)
+        self.requests[request_id] = RequestState(row, generator)
 
     def _append_blocks(self, row: int, block_ids: list[int]) -> None:
         if not block_ids:
@@ -346,17 +345,16 @@ class InputBatch:
         num_outputs = self.num_tokens[rows] - self.num_prompt[rows]
         if sampling.plain_greedy(rows) and not len(sampling.banning_rows(rows, num_outputs)):
             return SamplingBatch(request_ids, None, logprobs)
-        states = [self.requests[r] for r in request_ids]
-        prompt_ids: list[list[int]] = []
-        output_ids: list[list[int]] = []
-        for s in states:  # per sampled request, and only for those using penalties
-            if sampling.penalties[s.row]:
-                row = self.token_ids[s.row]
-                prompt_ids.append(row[: s.num_prompt_tokens].tolist())
-                output_ids.append(row[s.num_prompt_tokens : self.num_tokens[s.row]].tolist())
-            else:
-                prompt_ids.append([])
-                output_ids.append([])
-        metadata = sampling.metadata(rows, [s.generator for s in states], prompt_ids, output_ids,
-                                     self.vocab_size, self.device, num_outputs)
+        requests = self.requests
+        generators = [requests[r].generator for r in request_ids]
+        none: list[int] = []  # shared, never mutated: rows without penalties read no token ids
+        prompt_ids = [none] * len(rows)
+        output_ids = [none] * len(rows)
+        for i in np.flatnonzero(sampling.penalties[rows]).tolist():  # only the rows using penalties
+            row = int(rows[i])
+            num_prompt = int(self.num_prompt[row])
+            prompt_ids[i] = self.token_ids[row, :num_prompt].tolist()
+            output_ids[i] = self.token_ids[row, num_prompt : self.num_tokens[row]].tolist()
+        metadata = sampling.metadata(rows, generators, prompt_ids, output_ids, self.vocab_size, self.device,
+                                     num_outputs)
         return SamplingBatch(request_ids, metadata, logprobs)

@@ -97,7 +97,3 @@ class KVCache:
             num_blocks, spec.block_size, num_blocks * spec.block_size,
             num_blocks * spec.block_bytes / 2**30, spec.dtype, device,
         )
-
-    @property
-    def num_tokens(self) -> int:
-        return self.num_blocks * self.spec.block_size

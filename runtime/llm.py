@@ -25,6 +25,9 @@ class LLM:
 
     Invariant: every call drains the engine, so results never mix between calls and each
     call returns its outputs in input order with every choice complete.
+
+    ``shutdown()`` (or ``with LLM(path) as llm:``) frees the device memory; deleting the
+    object does not (see runtime/engine.py).
     """
 
     def __init__(self, engine_dir: str | Path, **options: Any) -> None:
@@ -33,6 +36,16 @@ class LLM:
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
+
+    def shutdown(self) -> None:
+        """Release the engine's weights, KV cache and CUDA graphs now (``LLMEngine.shutdown``)."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
 
     def generate(
         self,

@@ -6,6 +6,9 @@ Python lists with one host sync per step. A step is split in two so the engine l
 while the device runs: ``launch`` (prepare, forward, sample, queue the copy of the sampled
 ids into pinned memory) and ``collect`` (wait for that copy, record the tokens). Decode-only steps replay CUDA graphs
 (runtime/cuda_graphs.py) unless ``enforce_eager``; everything else runs eagerly.
+
+After capture the runner calls ``gc.freeze()`` (keeps GC passes out of decode steps), so its
+objects are never collected, cycles included: ``shutdown`` is the way to free its device memory.
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ from kiln.scheduler.interface import RunnerOutput, SchedulerOutput
 from kiln.scheduler.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+
+class EngineShutDownError(RuntimeError):
+    """The engine (its model runner) was shut down: it has no model or KV cache any more."""
 
 
 class ModelRunner:
@@ -72,9 +79,37 @@ class ModelRunner:
             self.enable_decode_graphs(use_graphs=True)
             # Everything allocated so far (modules, weights' wrappers, graphs) lives as long as
             # the process: keep it out of the cyclic GC, whose full passes over it cost
-            # tens of milliseconds and otherwise land in random decode steps.
+            # tens of milliseconds and otherwise land in random decode steps. The price: deleting
+            # the runner frees nothing (its cycles are never collected); ``shutdown`` does.
             gc.collect()
             gc.freeze()
+
+    @property
+    def is_shut_down(self) -> bool:
+        return self.model is None
+
+    def shutdown(self) -> None:
+        """Release the model weights, KV cache, CUDA graphs and batch buffers now; idempotent.
+
+        Drops every reference the runner holds to them (the graphs' bound methods make a cycle
+        with the runner, which ``gc.freeze`` keeps from ever being collected), so their
+        refcounts reach zero, then returns the cached blocks to the device. Afterwards
+        ``launch`` raises ``EngineShutDownError``.
+        """
+        if self.is_shut_down:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # nothing in flight may still use what is freed
+        if self.graphs is not None:
+            self.graphs.release()
+        self.graphs = None
+        self.model = None
+        self.kv_cache = None
+        self.input_batch = None
+        self._sampled_host = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        logger.info("model runner shut down: weights, KV cache and graphs released")
 
     # ------------------------------------------------------------------ CUDA graphs
 
@@ -158,8 +193,7 @@ class ModelRunner:
         counts = np.full(num_seqs, num_tokens // num_seqs, dtype=np.int64)
         counts[: num_tokens % num_seqs] += 1
         blocks = spec.blocks_for_tokens(int(counts.max()))
-        scratch = KVCache(KVCacheSpec(spec.num_layers, spec.block_size, spec.num_kv_heads, spec.head_size,
-                                      spec.dtype), blocks, self.device)
+        scratch = KVCache(spec, blocks, self.device)
         qsl = np.concatenate(([0], np.cumsum(counts)))
         positions = np.arange(num_tokens) - np.repeat(qsl[:-1], counts)
         dev = self.device
@@ -208,6 +242,8 @@ class ModelRunner:
         pinned copy are reused by every step.
         """
         batch = self.input_batch
+        if batch is None:
+            raise EngineShutDownError("the model runner was shut down")
         failed = batch.apply(scheduler_output)
         failed |= batch.check_scheduled(scheduler_output)
         for request_id in failed:

@@ -150,10 +150,6 @@ class SequenceTracker:
         self.counted_finished = False  # the engine's bookkeeping of finished choices
 
     @property
-    def num_seen_tokens(self) -> int:
-        return len(self.token_ids)
-
-    @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
@@ -185,9 +181,7 @@ class SequenceTracker:
 
     def _take_logprobs(
         self, new_ids: list[int], runner_logprobs: list[tuple[float, list[tuple[int, float]]]] | None
-    ) -> list[TokenLogprob] | None:
-        if self.logprobs is None:
-            return None
+    ) -> list[TokenLogprob]:
         entries = runner_logprobs or []
         # The scheduler may accept fewer tokens than were sampled (a stop mid-way): zip cuts.
         delta = [TokenLogprob(tid, float(lp), list(top)) for tid, (lp, top) in zip(new_ids, entries)]

@@ -3,11 +3,15 @@ validation, fan-out, stops, aborts, logprobs, metrics, and surviving a failed st
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from test_e2e_helpers import OutputCollector, TinyEngine, drain, greedy, make_tiny_engine, random_prompts
 
 from kiln.runtime import SamplingParams, TokenLogprob
+from kiln.runtime.model_runner import EngineShutDownError
 from kiln.scheduler import RequestRejected
 
 
@@ -179,3 +183,27 @@ def test_tokens_arrive_one_step_late_except_the_first(tiny: TinyEngine, engine) 
     # come out while the next step runs; the last one in a step with nothing scheduled.
     tokens = tiny.hf_greedy(prompt, 4)
     assert deltas == [[tokens[:1]], [], [tokens[1:2]], [tokens[2:3]], [tokens[3:4]]]
+
+
+def test_shutdown_releases_the_tensors_even_after_gc_freeze(tiny: TinyEngine) -> None:
+    engine = tiny.engine()
+    engine.runner.enable_decode_graphs(use_graphs=False)  # the graphs' cycle with the runner, as on CUDA
+    engine.add_request("a", [5, 6, 7], greedy(8))
+    engine.step()
+    runner = engine.runner
+    held = [weakref.ref(t) for t in (runner.kv_cache.kv[0], runner.model.layers[0].qkv.weight,
+                                     runner.input_batch.staging.dev_bytes)]
+    del runner
+    gc.collect()
+    gc.freeze()  # what the runner does after CUDA-graph capture: cycles are never collected again
+    try:
+        engine.shutdown()
+        assert [ref() for ref in held] == [None] * len(held)
+        assert not engine.has_unfinished_requests()
+        engine.shutdown()  # idempotent
+        with pytest.raises(EngineShutDownError, match="shut down"):
+            engine.step()
+        with pytest.raises(EngineShutDownError, match="shut down"):
+            engine.add_request("b", [5, 6], greedy(2))
+    finally:
+        gc.unfreeze()

@@ -3,10 +3,13 @@ forms, seeded sampling, greedy equivalences, n, stop strings and the chat templa
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 from test_e2e_helpers import TinyEngine, make_tiny_engine
 
 from kiln.runtime import LLM, SamplingParams
+from kiln.runtime.model_runner import EngineShutDownError
 
 PROMPTS = ["The quick brown fox", "Once upon a time, in a land far away,", "1, 2, 3,"]
 
@@ -141,3 +144,14 @@ def test_text_prompt_without_tokenizer_is_a_clear_error(tmp_path) -> None:
     (out,) = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=3), use_tqdm=False)
     assert out.outputs[0].text == "" and len(out.outputs[0].token_ids) <= 3
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_context_manager_shuts_the_engine_down(tiny: TinyEngine) -> None:
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    with LLM(tiny.engine_dir, device="cpu", block_size=8, max_model_len=64) as llm:
+        kv = weakref.ref(llm.engine.runner.kv_cache.kv[0])
+        (out,) = llm.generate(PROMPTS[0], params, use_tqdm=False)
+        assert len(out.outputs[0].token_ids) == 2
+    assert kv() is None
+    with pytest.raises(EngineShutDownError, match="shut down"):
+        llm.generate(PROMPTS[0], params, use_tqdm=False)
