@@ -161,10 +161,17 @@ class AsyncEngine:
         self._wake.set()
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the engine thread, then release the engine's GPU memory (KV cache, graphs)."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():  # the engine is not thread-safe: never shut it under a step
+                logger.warning("engine thread still running after %.0f s; not releasing the engine", timeout)
+                return
+        release = getattr(self.engine, "shutdown", None)
+        if release is not None:
+            release()
 
     # ----- engine-thread side -----
     def _run(self) -> None:
