@@ -219,11 +219,13 @@ def main(argv: list[str] | None = None) -> int:
         from kiln.server.bench_serve import main as serve_main
 
         return serve_main(argv[1:])
+    from kiln.engine_builder.errors import EngineBuilderError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         result = run_throughput(args) if args.mode == "throughput" else run_latency(args)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, EngineBuilderError) as exc:
         print(f"bench-llm: error: {exc}", file=sys.stderr)
         return 2
     if args.json:

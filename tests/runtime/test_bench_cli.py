@@ -1,0 +1,60 @@
+"""`bench-llm throughput|latency` end to end on a tiny random-weight engine (CPU), its error
+path, and the append-only performance history in BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kiln.engine_builder import build_engine
+from kiln.runtime import bench
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "tiny"
+    build_engine(None, out, random_weights="tiny-llama", progress=False)
+    return out
+
+
+def test_throughput_counts_every_output_token(tiny_engine: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["throughput", str(tiny_engine), "--isl", "8", "--osl", "5", "--num-requests", "6", "--device", "cpu",
+            "--max-batch-size", "4", "--json"]
+    assert bench.main(args) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[0])
+    figures = result["figures"]
+    assert result["mode"] == "throughput"
+    # 6 requests x 5 tokens (EOS ignored) in total_s seconds.
+    assert figures["output_tok_s"] * figures["total_s"] == pytest.approx(30, rel=1e-6)
+    assert figures["requests_s"] * figures["total_s"] == pytest.approx(6, rel=1e-6)
+
+
+def test_latency_reports_ttft_and_decode_rate(tiny_engine: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["latency", str(tiny_engine), "--isl", "8", "--osl", "6", "--iterations", "2", "--device", "cpu", "--json"]
+    assert bench.main(args) == 0
+    figures = json.loads(capsys.readouterr().out.splitlines()[0])["figures"]
+    assert figures["ttft_ms_p50"] > 0 and figures["decode_tok_s_p50"] > 0
+    assert figures["decode_tok_s_best"] >= figures["decode_tok_s_p50"]
+
+
+def test_missing_engine_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.main(["latency", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("bench-llm: error:")
+
+
+def test_record_appends_rows_and_keeps_history(tmp_path: Path) -> None:
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Kiln benchmarks\n\n## Engine build\n\nold text\n")
+    first = bench.BenchResult("latency", {"decode_tok_s_p50": 150.0}, "GPU-A", "e")
+    second = bench.BenchResult("throughput", {"output_tok_s": 14075.0}, "GPU-B", "e")
+    bench.record(first, "bench-llm latency e", path)
+    bench.record(second, "bench-llm throughput e", path)
+    text = path.read_text()
+    assert "old text" in text
+    rows = [line for line in text.splitlines() if line.startswith("| 20")]
+    assert len(rows) == 2
+    assert "GPU-A" in rows[0] and "decode_tok_s_p50 150" in rows[0]
+    assert "GPU-B" in rows[1] and "output_tok_s 14,075" in rows[1]
