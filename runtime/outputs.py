@@ -71,6 +71,10 @@ class CompletionOutput:
     into a stop string. ``finish_reason`` is None while the choice runs, else "stop",
     "length", "abort" or "error"; ``stop_reason`` is the stop string or stop token id that
     ended it (None for EOS).
+
+    ``token_ids`` and ``logprobs`` are the choice's own growing lists, shared by every output
+    of that choice (as in vLLM): a per-step copy would cost O(n^2) over a long generation.
+    An unfinished output's lists keep growing; copy them to keep a snapshot.
     """
 
     index: int
@@ -211,10 +215,10 @@ class SequenceTracker:
         return CompletionOutput(
             index=self.index,
             text=self.text,
-            token_ids=list(self.token_ids),
+            token_ids=self.token_ids,  # shared, not copied: see CompletionOutput
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
-            logprobs=list(self.logprobs) if self.logprobs is not None else None,
+            logprobs=self.logprobs,
             delta_text=delta_text,
             delta_token_ids=delta_ids,  # the caller's fresh list, never touched again
             delta_logprobs=delta_logprobs,
