@@ -1,11 +1,13 @@
 """LLMEngine: the loop that joins the scheduler (a plan), the model runner (tensors) and the
 detokenizer (text) into per-request outputs.
 
-One step: ``Scheduler.schedule()`` -> ``ModelRunner.launch()`` -> (while the device runs:
-detokenize the previous step's tokens, check stop strings, build ``RequestOutput``s) ->
-``ModelRunner.collect()`` -> ``Scheduler.update()``. The engine owns no tensors and makes
-no scheduling decision; it translates between request ids the caller knows (a parent request
-with n choices) and the sequences the scheduler runs (one child per choice).
+One ``step()`` runs one step ahead: ``Scheduler.schedule()`` and ``ModelRunner.launch()`` of
+step N+1 are queued while the device still runs step N; then step N is collected
+(``ModelRunner.collect()``, ``Scheduler.update()``) and its tokens become outputs
+(detokenize, stop strings, ``RequestOutput``s) while the device runs N+1. So the device never
+waits for the host between steps. The engine owns no tensors and makes no scheduling
+decision; it translates between request ids the caller knows (a parent request with n
+choices) and the sequences the scheduler runs (one child per choice).
 
 Deleting an engine does not free its device memory (the runner calls ``gc.freeze()`` after
 CUDA-graph capture, so the engine's reference cycles are never collected): call ``shutdown()``,
@@ -88,9 +90,8 @@ class LLMEngine:
         self._num_generation_tokens = 0
         self._num_failed_steps = 0
         self._undelivered_finished_ids: set[str] = set()
-        # Requests changed by the last step whose outputs the next step() builds (overlap).
-        self._pending: list[Request] = []
-        self._pending_output: RunnerOutput | None = None
+        # The step launched by the last step() and not collected yet (it runs on the device).
+        self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
         logger.info(
             "engine ready: %s, max_model_len=%d, %d KV blocks of %d tokens",
             self.model_config.architecture, self.max_model_len, self.runner.num_blocks, self.runner.block_size,
@@ -112,7 +113,7 @@ class LLMEngine:
             return
         for request_id in list(self._parents):
             self.abort_request(request_id)
-        self._pending, self._pending_output = [], None
+        self._in_flight = None
         self.runner.shutdown()
 
     def __enter__(self) -> LLMEngine:
@@ -222,49 +223,33 @@ class LLMEngine:
     # ------------------------------------------------------------------ the loop
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; return one output per request that changed.
+        """Launch the next step, then finish the one launched by the previous call; return one
+        output per request that changed.
 
-        The host work of outputs (detokenizing, stop strings, RequestOutputs) overlaps the
-        device: while step N runs, the results of step N-1 become outputs. So a token usually
-        reaches the caller one ``step()`` after it was sampled; a request's first token, and
-        everything when nothing ran on the device this step, come at once. A stop string found
-        late finishes the request then; the token step N sampled for it meanwhile is dropped.
+        A token sampled by step N reaches the caller from the ``step()`` call after the one
+        that launched N, as soon as N is done on the device (that call first queues N+1, so
+        the device stays busy). A request that ends on EOS or a stop string has had one more
+        step queued by then: the token it samples is dropped.
         """
         self._check_running()
         scheduler_output = self.scheduler.schedule()
         handle = self._launch(scheduler_output)
         touched: dict[str, dict[int, CompletionOutput]] = {}
-        pending, pending_output = self._pending, self._pending_output
-        self._pending, self._pending_output = [], None
-        if handle.in_flight:  # the device is busy with this step: the host catches up meanwhile
-            self._process_all(pending, pending_output, touched)
-            pending = []
-        runner_output = self._collect(handle, scheduler_output)
-        changed = self.scheduler.update(scheduler_output, runner_output)
-        if pending:  # nothing was in flight: deliver both steps' results now
-            self._process_all(pending, pending_output, touched)
-        if not handle.in_flight:
-            self._process_all(changed, runner_output, touched)
-        else:
-            self._defer(changed, runner_output, touched)
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None:
+            self._finish_step(*previous, touched)
+        if handle.in_flight:
+            self._in_flight = (scheduler_output, handle)
+        else:  # nothing to wait for: its results (failures, chunk progress) count now
+            self._finish_step(scheduler_output, handle, touched)
         return [self._parent_output(pid, choices) for pid, choices in touched.items()]
 
-    def _defer(self, changed: list[Request], runner_output: RunnerOutput,
-               touched: dict[str, dict[int, CompletionOutput]]) -> None:
-        """Keep ``changed`` for the next step, except first tokens (time to first token
-        matters more than the few microseconds each costs now)."""
-        children = self._children
-        first: list[Request] = []
-        later: list[Request] = []
-        for request in changed:
-            tracker = children.get(request.request_id)
-            if tracker is not None and not tracker.token_ids:
-                first.append(request)
-            else:
-                later.append(request)
-        if first:
-            self._process_all(first, runner_output, touched)
-        self._pending, self._pending_output = later, runner_output
+    def _finish_step(self, scheduler_output: SchedulerOutput, handle: StepHandle,
+                     touched: dict[str, dict[int, CompletionOutput]]) -> None:
+        """Collect a launched step, give its results to the scheduler, build the outputs."""
+        runner_output = self._collect(handle, scheduler_output)
+        changed = self.scheduler.update(scheduler_output, runner_output)
+        self._process_all(changed, runner_output, touched)
 
     def _process_all(self, requests: list[Request], runner_output: RunnerOutput | None,
                      touched: dict[str, dict[int, CompletionOutput]]) -> None:
@@ -277,7 +262,9 @@ class LLMEngine:
                 continue  # aborted by the caller in the meantime (its id may be reused)
             completion = self._process(tracker, logprobs, now)
             if completion is not None:
-                touched.setdefault(tracker.parent_id, {})[tracker.index] = completion
+                choices = touched.setdefault(tracker.parent_id, {})
+                earlier = choices.get(tracker.index)
+                choices[tracker.index] = completion if earlier is None else _merge_deltas(earlier, completion)
 
     def _launch(self, scheduler_output: SchedulerOutput) -> StepHandle:
         """Start the model step; a failing step fails only the requests it held."""
@@ -369,6 +356,20 @@ class LLMEngine:
             generation_tokens=self._num_generation_tokens,
             num_failed_steps=self._num_failed_steps,
         )
+
+
+def _merge_deltas(earlier: CompletionOutput, later: CompletionOutput) -> CompletionOutput:
+    """One output for a choice that two steps changed within one ``step()`` call (a step that
+    ran nothing on the device finishes right after the one before it)."""
+    logprobs = None
+    if earlier.delta_logprobs is not None or later.delta_logprobs is not None:
+        logprobs = (earlier.delta_logprobs or []) + (later.delta_logprobs or [])
+    return dataclasses.replace(
+        later,
+        delta_text=earlier.delta_text + later.delta_text,
+        delta_token_ids=earlier.delta_token_ids + later.delta_token_ids,
+        delta_logprobs=logprobs,
+    )
 
 
 def _load_tokenizer(path: Path) -> Any:

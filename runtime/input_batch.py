@@ -7,15 +7,18 @@ O(1) list work), staged in pinned CPU buffers and copied with one ``non_blocking
 buffer into persistent device buffers. A decode-only step whose batch size has a CUDA graph
 is padded to that size: the persistent device buffers are the graphs' static inputs.
 
-Buffer reuse is safe because a step's sampled ids are read back to the host
-(``ModelRunner.collect``) before the next step is prepared: the previous step's copies (and
-the kernels reading the device buffers) are done by then.
+The runner prepares step N+1 before step N's sampled ids reach the host. A row whose next
+input token is still pending (sampled by a step not yet collected) takes it on the device
+from ``last_sampled``, which every step scatters its sampled ids into; ``num_pending`` counts
+those tokens per row. Device buffers are reused safely because everything runs on one
+stream; the pinned host staging bytes are guarded by an event (staging.py).
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +60,7 @@ class ModelInputs:
     logits_indices: torch.Tensor | None  # [S] int64; None = every row
     num_reqs: int = 0
     graph_batch_size: int | None = None
+    sample_rows: torch.Tensor | None = None  # [S] int64 device: the rows sampled, logits order
 
 
 @dataclass
@@ -78,7 +82,10 @@ class InputBatch:
     Invariants: every live request owns one row of ``token_ids`` ([max_batch_size,
     max_model_len + 1]), ``block_table`` and the per-row counters (``num_tokens``,
     ``num_computed``, ``num_blocks``) and sampling settings; ``free_rows`` holds exactly the
-    other rows; ids in a row are valid token ids (< vocab_size) up to ``num_tokens[row]``.
+    other rows; ids in a row are valid token ids (< vocab_size) up to ``num_tokens[row]``;
+    ``num_pending[row]`` more tokens were sampled by launched steps and are not on the host
+    yet (the last of them is ``last_sampled[row]`` on the device); ``row_gen[row]`` changes
+    whenever the row changes owner, so late results for a former owner can be told apart.
     """
 
     def __init__(
@@ -95,6 +102,9 @@ class InputBatch:
         self.num_computed = np.zeros(max_batch_size, dtype=np.int64)
         self.num_blocks_of = np.zeros(max_batch_size, dtype=np.int64)
         self.num_prompt = np.zeros(max_batch_size, dtype=np.int64)
+        self.num_pending = np.zeros(max_batch_size, dtype=np.int64)
+        self.row_gen = np.zeros(max_batch_size, dtype=np.int64)
+        self.last_sampled = torch.zeros(max_batch_size, dtype=torch.int64, device=device)
         self.sampling = SamplingRows(max_batch_size, vocab_size)
         self.requests: dict[str, RequestState] = {}
         self.free_rows = list(range(max_batch_size - 1, -1, -1))
@@ -153,6 +163,8 @@ class InputBatch:
         self.num_tokens[row] = len(ids)
         self.num_computed[row] = num_computed_tokens
         self.num_prompt[row] = num_prompt_tokens
+        self.num_pending[row] = 0
+        self.row_gen[row] += 1
         self.sampling.set(row, params, eos_token_ids)
         self.requests[request_id] = RequestState(row, generator)
 
@@ -173,12 +185,19 @@ class InputBatch:
         if state is not None:
             self.free_rows.append(state.row)
 
+    def mark_sampled(self, rows: np.ndarray, inputs: ModelInputs, token_ids: torch.Tensor) -> None:
+        """A launched step samples ``token_ids`` (device) for ``rows``: they are pending until
+        ``append_sampled``, and the next step reads them from ``last_sampled``."""
+        self.num_pending[rows] += 1
+        self.last_sampled.index_copy_(0, inputs.sample_rows, token_ids)
+
     def append_sampled(self, rows: np.ndarray, token_ids: np.ndarray) -> None:
-        """Record one sampled token per row; the scheduler stops a request before its row
-        overflows, the clip only guards the array bound."""
+        """Record one sampled token per row (pending until now), in launch order; the
+        scheduler stops a request before its row overflows, the clip only guards the bound."""
         at = np.minimum(self.num_tokens[rows], self.max_model_len)
         self.token_ids[rows, at] = token_ids
         self.num_tokens[rows] = at + 1
+        self.num_pending[rows] -= 1
 
     # ------------------------------------------------------------------ tensors
 
@@ -191,7 +210,8 @@ class InputBatch:
             rows = np.fromiter((requests[r].row for r in scheduled), dtype=np.int64, count=len(scheduled))
             counts = np.fromiter(scheduled.values(), dtype=np.int64, count=len(scheduled))
             end = self.num_computed[rows] + counts
-            if not ((end > self.num_tokens[rows]) | (-(-end // self.block_size) > self.num_blocks_of[rows])).any():
+            if not ((end > self.num_tokens[rows] + self.num_pending[rows])
+                    | (-(-end // self.block_size) > self.num_blocks_of[rows])).any():
                 return set()
         ids = list(scheduled)
         states = [requests.get(r) for r in ids]
@@ -202,7 +222,7 @@ class InputBatch:
         rows = np.fromiter((row for _, row in known), dtype=np.int64, count=len(known))
         counts = np.fromiter((so.num_scheduled_tokens[r] for r, _ in known), dtype=np.int64, count=len(known))
         end = self.num_computed[rows] + counts
-        wrong = (end > self.num_tokens[rows]) | (-(-end // self.block_size) > self.num_blocks_of[rows])
+        wrong = (end > self.num_tokens[rows] + self.num_pending[rows]) | (-(-end // self.block_size) > self.num_blocks_of[rows])
         for i in np.flatnonzero(wrong):
             r, row = known[i]
             logger.warning("request %s scheduled up to token %d but has %d tokens and %d blocks",
@@ -210,12 +230,15 @@ class InputBatch:
             bad.add(r)
         return bad
 
-    def prepare(self, so: SchedulerOutput, skip: set[str]) -> tuple[ModelInputs, SamplingBatch, np.ndarray] | None:
+    def prepare(self, so: SchedulerOutput, skip: set[str],
+                resolve_pending: Callable[[], None] | None = None) -> tuple[ModelInputs, SamplingBatch, np.ndarray] | None:
         """Build the step's device tensors for every scheduled request not in ``skip``.
 
         Returns None when nothing is left to run, else (inputs, sampling, sampled rows).
         Tokens of request b run at positions ``num_computed .. num_computed + n_b``; it is
-        sampled when that range reaches its known tokens.
+        sampled when that range reaches its tokens, pending ones included. When a sampled
+        row needs its token history on the host (penalties) and some of it is still pending,
+        ``resolve_pending()`` is called first to bring it there.
         """
         scheduled = so.num_scheduled_tokens
         order = [r for r in so.order if scheduled.get(r, 0) > 0 and r not in skip]
@@ -224,9 +247,12 @@ class InputBatch:
         requests = self.requests
         rows = np.fromiter((requests[r].row for r in order), dtype=np.int64, count=len(order))
         counts = np.fromiter((scheduled[r] for r in order), dtype=np.int64, count=len(order))
+        pending = self.num_pending[rows]
+        if resolve_pending is not None and pending.any() and self.sampling.penalties[rows[pending > 0]].any():
+            resolve_pending()
         starts = self.num_computed[rows]
         seq_lens = starts + counts
-        sampled = np.flatnonzero(seq_lens >= self.num_tokens[rows])
+        sampled = np.flatnonzero(seq_lens >= self.num_tokens[rows] + self.num_pending[rows])
         num_tokens = int(counts.sum())
         decode_only = num_tokens == len(order) == len(sampled)
         if decode_only:
@@ -249,8 +275,10 @@ class InputBatch:
         max_blocks = -(-int(seq_lens.max()) // self.block_size)
         staging = self.staging
         stage = staging.stage
+        fill = np.flatnonzero(positions >= self.num_tokens[token_rows])  # pending: on the device
+        fill_args = (stage("fill_index", fill), stage("fill_rows", token_rows[fill])) if len(fill) else None
         inputs = ModelInputs(
-            input_ids=stage("input_ids", self.token_ids[token_rows, positions]),
+            input_ids=stage("input_ids", self.token_ids[token_rows, np.minimum(positions, self.max_model_len)]),
             positions=stage("positions", positions),
             attn=AttentionMetadata(
                 slot_mapping=stage("slot_mapping", block_ids * self.block_size + positions % self.block_size),
@@ -262,9 +290,17 @@ class InputBatch:
             ),
             logits_indices=stage("logits_indices", query_start_loc[1:][sampled] - 1),
             num_reqs=len(rows),
+            sample_rows=stage("sample_rows", rows[sampled]),
         )
         staging.flush()
+        self._fill_pending(inputs.input_ids, fill_args)
         return inputs
+
+    def _fill_pending(self, input_ids: torch.Tensor, fill_args: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Input tokens still pending on the host come from the previous step's sampled ids."""
+        if fill_args is not None:
+            index, rows = fill_args
+            input_ids.index_copy_(0, index, self.last_sampled.index_select(0, rows))
 
     def _decode_inputs(self, rows: np.ndarray, positions: np.ndarray) -> ModelInputs:
         """One token per request, all sampled; padded to a CUDA-graph size when one fits.
@@ -287,13 +323,17 @@ class InputBatch:
         pos = np.zeros(padded, dtype=np.int64)
         pos[:n] = positions
         ids = np.zeros(padded, dtype=np.int64)
-        ids[:n] = self.token_ids[rows, positions]
+        ids[:n] = self.token_ids[rows, np.minimum(positions, self.max_model_len)]
         staging = self.staging
         stage = staging.stage
+        fill = np.flatnonzero(positions >= self.num_tokens[rows])  # pending: on the device
+        fill_args = (stage("fill_index", fill), stage("fill_rows", rows[fill])) if len(fill) else None
+        sample_rows = stage("sample_rows", rows)
         input_ids, positions_t = stage("input_ids", ids), stage("positions", pos)
         slot_mapping, seq_lens_t = stage("slot_mapping", slots), stage("seq_lens", seq_lens)
         block_tables = staging.stage_block_table(table)
         staging.flush()
+        self._fill_pending(input_ids, fill_args)
         if size is not None:
             block_tables = staging.scatter_block_table(block_tables)
         return ModelInputs(
@@ -311,6 +351,7 @@ class InputBatch:
             logits_indices=None,
             num_reqs=n,
             graph_batch_size=size,
+            sample_rows=sample_rows,
         )
 
     def static_decode_inputs(self, size: int) -> ModelInputs:
@@ -342,7 +383,7 @@ class InputBatch:
     def _sampling_batch(self, request_ids: list[str], rows: np.ndarray) -> SamplingBatch:
         sampling = self.sampling
         logprobs = sampling.logprobs[rows]
-        num_outputs = self.num_tokens[rows] - self.num_prompt[rows]
+        num_outputs = self.num_tokens[rows] + self.num_pending[rows] - self.num_prompt[rows]
         if sampling.plain_greedy(rows) and not len(sampling.banning_rows(rows, num_outputs)):
             return SamplingBatch(request_ids, None, logprobs)
         requests = self.requests

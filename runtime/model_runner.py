@@ -4,8 +4,11 @@ The runner decides nothing about who runs: it holds the model, the KV cache and 
 per-request ``InputBatch``, and turns each plan into tensors and the sampled tokens back into
 Python lists with one host sync per step. A step is split in two so the engine loop can work
 while the device runs: ``launch`` (prepare, forward, sample, queue the copy of the sampled
-ids into pinned memory) and ``collect`` (wait for that copy, record the tokens). Decode-only steps replay CUDA graphs
-(runtime/cuda_graphs.py) unless ``enforce_eager``; everything else runs eagerly.
+ids into pinned memory) and ``collect`` (wait for that copy, record the tokens). Step N+1
+may be launched before step N is collected: its rows then read their input token from
+step N's sampled ids on the device (input_batch.py), so the device never waits for the host
+between steps. Decode-only steps replay CUDA graphs (runtime/cuda_graphs.py) unless
+``enforce_eager``; everything else runs eagerly.
 
 After capture the runner calls ``gc.freeze()`` (keeps GC passes out of decode steps), so its
 objects are never collected, cycles included: ``shutdown`` is the way to free its device memory.
@@ -32,6 +35,9 @@ from kiln.scheduler.interface import RunnerOutput, SchedulerOutput
 from kiln.scheduler.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+# Steps launched and not yet collected, at most: the engine runs one step ahead.
+_MAX_IN_FLIGHT = 2
 
 
 class EngineShutDownError(RuntimeError):
@@ -71,9 +77,11 @@ class ModelRunner:
             engine_config.max_batch_size, self.max_model_len, engine_config.max_num_tokens,
             self.block_size, self.num_blocks, self.vocab_size, self.device,
         )
-        # Pinned landing buffer of each step's sampled ids (reused: collect precedes launch).
-        self._sampled_host = torch.zeros(engine_config.max_batch_size, dtype=torch.int64,
-                                         pin_memory=self.device.type == "cuda")
+        # Pinned landing buffers of the sampled ids, one per step that may be in flight.
+        self._sampled_host = [torch.zeros(engine_config.max_batch_size, dtype=torch.int64,
+                                          pin_memory=self.device.type == "cuda") for _ in range(_MAX_IN_FLIGHT)]
+        self._num_launched = 0
+        self._unresolved: list[StepHandle] = []  # launched steps whose ids are not on the host yet
         self.graphs: DecodeGraphs | None = None
         if self._use_graphs():
             self.enable_decode_graphs(use_graphs=True)
@@ -106,7 +114,8 @@ class ModelRunner:
         self.model = None
         self.kv_cache = None
         self.input_batch = None
-        self._sampled_host = None
+        self._sampled_host = []
+        self._unresolved = []
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         logger.info("model runner shut down: weights, KV cache and graphs released")
@@ -238,18 +247,20 @@ class ModelRunner:
 
         A request that cannot be prepared fails alone (``failed_request_ids``). The sampled
         ids are copied into pinned host memory behind the step's kernels; ``collect`` waits
-        for them. Call ``collect`` before the next ``launch``: the staging buffers and the
-        pinned copy are reused by every step.
+        for them. One step may be launched before the previous one is collected (steps are
+        collected in launch order); a further launch first waits for the oldest.
         """
         batch = self.input_batch
         if batch is None:
             raise EngineShutDownError("the model runner was shut down")
+        if len(self._unresolved) >= _MAX_IN_FLIGHT:
+            self._resolve(self._unresolved[0])
         failed = batch.apply(scheduler_output)
         failed |= batch.check_scheduled(scheduler_output)
         for request_id in failed:
             batch.remove(request_id)
         handle = StepHandle(RunnerOutput(failed_request_ids=failed))
-        prepared = batch.prepare(scheduler_output, skip=failed)
+        prepared = batch.prepare(scheduler_output, skip=failed, resolve_pending=self._resolve_all)
         if prepared is None:
             return handle
         inputs, sampling, rows = prepared
@@ -257,8 +268,10 @@ class ModelRunner:
         if not sampling.request_ids:
             return handle
         sampled = self._sample(logits, sampling)
-        handle.sampling, handle.rows = sampling, rows
+        handle.sampling, handle.rows, handle.row_gens = sampling, rows, batch.row_gen[rows]
+        batch.mark_sampled(rows, inputs, sampled.sampled_token_ids)
         self._start_copy(handle, sampled)
+        self._unresolved.append(handle)
         return handle
 
     def _start_copy(self, handle: StepHandle, sampled: SamplerOutput) -> None:
@@ -269,7 +282,8 @@ class ModelRunner:
             handle.token_ids = ids
             handle.logprobs = None if lp is None else (lp.chosen, lp.top_ids, lp.top_logprobs)
             return
-        host = self._sampled_host[: ids.shape[0]]
+        self._num_launched += 1
+        host = self._sampled_host[self._num_launched % _MAX_IN_FLIGHT][: ids.shape[0]]
         host.copy_(ids, non_blocking=True)
         handle.token_ids = host
         if lp is not None:
@@ -279,14 +293,34 @@ class ModelRunner:
         handle.event.record()
 
     def collect(self, handle: StepHandle) -> RunnerOutput:
-        """Wait for a launched step (its one host sync) and record the sampled tokens."""
+        """Wait for a launched step (its one host sync) and return its sampled tokens."""
         output = handle.output
         if handle.sampling is None:
             return output
-        if handle.event is not None:
-            handle.event.synchronize()
-        self._collect(handle.sampling, handle.rows, handle.token_ids.numpy(), handle.logprobs, output)
+        self._resolve(handle)
+        self._collect(handle.sampling, handle.token_ids.numpy(), handle.logprobs, output)
         return output
+
+    def _resolve(self, handle: StepHandle) -> None:
+        """Bring the sampled ids of ``handle`` and every step launched before it to the host
+        rows (in launch order), skipping rows that changed owner since."""
+        if not any(h is handle for h in self._unresolved):
+            return
+        batch = self.input_batch
+        while self._unresolved:
+            oldest = self._unresolved.pop(0)
+            if oldest.event is not None:
+                oldest.event.synchronize()
+            rows = oldest.rows
+            live = batch.row_gen[rows] == oldest.row_gens
+            ids = oldest.token_ids.numpy()
+            batch.append_sampled(rows[live], ids[live] if not live.all() else ids)
+            if oldest is handle:
+                return
+
+    def _resolve_all(self) -> None:
+        if self._unresolved:
+            self._resolve(self._unresolved[-1])
 
     def _forward(self, inputs: ModelInputs) -> torch.Tensor:
         if inputs.graph_batch_size is not None and self.graphs is not None:
@@ -299,10 +333,9 @@ class ModelRunner:
             return SamplerOutput(sampled_token_ids=logits.argmax(dim=-1), logprobs=None)
         return self.sampler(logits, sampling.metadata)
 
-    def _collect(self, sampling: SamplingBatch, rows: np.ndarray, token_ids: np.ndarray,
+    def _collect(self, sampling: SamplingBatch, token_ids: np.ndarray,
                  logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, output: RunnerOutput) -> None:
-        """Record the sampled ids (already on the host) per request."""
-        self.input_batch.append_sampled(rows, token_ids)
+        """The sampled ids (already on the host) per request."""
         output.sampled_token_ids = {r: [t] for r, t in zip(sampling.request_ids, token_ids.tolist())}
         if logprobs is None:
             return
@@ -313,7 +346,7 @@ class ModelRunner:
             output.logprobs[sampling.request_ids[i]] = [(chosen[i], top)]
 
 
-@dataclass
+@dataclass(eq=False)  # identity: handles are tracked in a list
 class StepHandle:
     """A launched step. ``sampling`` is None when nothing was sampled (then ``output`` is
     final at once); else ``token_ids`` (and ``logprobs``) are host tensors that hold the
@@ -322,6 +355,7 @@ class StepHandle:
     output: RunnerOutput
     sampling: SamplingBatch | None = None
     rows: np.ndarray | None = None
+    row_gens: np.ndarray | None = None  # the rows' owners at launch (InputBatch.row_gen)
     token_ids: torch.Tensor | None = None
     logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     event: torch.cuda.Event | None = None

@@ -19,7 +19,9 @@ class Staging:
 
     def __init__(self, max_tokens: int, max_reqs: int, max_blocks_per_seq: int, device: torch.device) -> None:
         regions = [("seq_lens", torch.int32, max_reqs), ("query_start_loc", torch.int32, max_reqs + 1),
-                   ("logits_indices", torch.int64, max_reqs), ("input_ids", torch.int64, max_tokens),
+                   ("logits_indices", torch.int64, max_reqs), ("sample_rows", torch.int64, max_reqs),
+                   ("fill_index", torch.int64, max_reqs), ("fill_rows", torch.int64, max_reqs),
+                   ("input_ids", torch.int64, max_tokens),
                    ("positions", torch.int64, max_tokens), ("slot_mapping", torch.int64, max_tokens),
                    ("block_tables", torch.int32, max_reqs * max_blocks_per_seq)]
         self.offset: dict[str, int] = {}

@@ -165,7 +165,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         rid = request.request_id
-        num_full = request.num_computed_tokens // self.block_size
+        # Only tokens whose ids are known: a pending token's KV may be computed already.
+        num_full = min(request.num_computed_tokens, request.num_tokens) // self.block_size
         done = self._req_num_cached.get(rid, 0)
         if num_full <= done:
             return  # the common decode step: nothing new filled up

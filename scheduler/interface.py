@@ -14,6 +14,7 @@ RunnerOutputs and no model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from kiln.scheduler.sampling_params import SamplingParams
 
@@ -58,7 +59,9 @@ class SchedulerOutput:
     ``num_scheduled_tokens[request_id]`` tokens run for each scheduled request, starting at
     its ``num_computed_tokens``. Requests appear in batch order: new ones and cached ones
     together follow ``order``. A request is sampled this step only when its scheduled tokens
-    reach the end of its known tokens (a partial prefill chunk samples nothing).
+    reach the end of its tokens, counting the one a still-running step is sampling for it (a
+    partial prefill chunk samples nothing). ``num_computed_tokens`` in the request data is the
+    value before this step.
     """
 
     new_requests: list[NewRequestData] = field(default_factory=list)
@@ -67,6 +70,11 @@ class SchedulerOutput:
     order: list[str] = field(default_factory=list)
     preempted_request_ids: set[str] = field(default_factory=set)
     finished_request_ids: set[str] = field(default_factory=set)
+    # The scheduler's own bookkeeping, ignored by the runner: which requests this step samples
+    # and which Request object each id meant (an aborted id may be reused before the step's
+    # results come back, and those results must not reach the newcomer).
+    sampled_request_ids: set[str] = field(default_factory=set)
+    request_refs: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def total_num_scheduled_tokens(self) -> int:

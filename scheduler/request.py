@@ -36,10 +36,16 @@ FINISH_REASONS = {
 class Request:
     """A request's token state.
 
-    Invariant: ``num_computed_tokens <= num_tokens``; tokens at positions
-    ``[num_computed_tokens, num_tokens)`` still need a forward pass before the next token can
-    be sampled. Prefill, chunked prefill, prefix-cache hits and recompute after preemption
-    are all this one rule.
+    Invariant: ``num_computed_tokens <= num_tokens + num_pending_tokens``; tokens at
+    positions ``[num_computed_tokens, num_tokens + num_pending_tokens)`` still need a forward
+    pass before the next token can be sampled. Prefill, chunked prefill, prefix-cache hits and
+    recompute after preemption are all this one rule.
+
+    ``num_computed_tokens`` counts tokens whose forward pass has been *scheduled* (it advances
+    in ``schedule()``); ``num_pending_tokens`` counts tokens sampled by scheduled steps whose
+    results ``update()`` has not received yet (0 or 1: the engine runs one step ahead). A
+    pending token is real to the runner (it feeds it to the next step from the device) but
+    not yet in ``output_token_ids``.
     """
 
     request_id: str
@@ -50,6 +56,7 @@ class Request:
     priority: int = 0  # lower runs first; ties by arrival (FCFS)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    num_pending_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
     num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING

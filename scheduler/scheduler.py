@@ -4,6 +4,13 @@ Every request catches up from ``num_computed_tokens`` to ``num_tokens`` under on
 budget per step, so chunked prefill, prefix-cache hits and (later) speculative tokens are
 the same rule. Running requests are served first, in order; then waiting ones in queue
 order while the budget, the batch size and the KV blocks allow.
+
+The engine may schedule step N+1 before ``update()`` has step N's sampled tokens (it runs
+one step ahead so the device never waits for the host): ``schedule()`` advances
+``num_computed_tokens`` itself and counts the token each sampling step will produce as
+pending, so a decode request is scheduled again for a token the runner feeds from the
+device. A request whose pending token will certainly end it (max_tokens, max_model_len) is
+not scheduled again; one that ends on EOS or a stop string runs one wasted token, dropped.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ class SchedulerStats:
 class _StepPlan:
     """What one schedule() call has decided so far (mutable, lives for one call)."""
 
-    __slots__ = ("budget", "num_tokens", "cached", "new_requests", "preempted")
+    __slots__ = ("budget", "num_tokens", "cached", "new_requests", "preempted", "sampled", "refs")
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
@@ -51,10 +58,29 @@ class _StepPlan:
         self.cached: dict[str, CachedRequestData] = {}  # running requests
         self.new_requests: list[NewRequestData] = []
         self.preempted: set[str] = set()
+        self.sampled: set[str] = set()  # requests this step samples (their pending count rose)
+        self.refs: dict[str, Request] = {}
 
-    def unschedule(self, request_id: str) -> None:
-        self.budget += self.num_tokens.pop(request_id)
-        del self.cached[request_id]
+    def add(self, request: Request, num_new: int) -> None:
+        """Schedule num_new tokens of the request: its computed (and pending) counts advance now."""
+        rid = request.request_id
+        self.num_tokens[rid] = num_new
+        self.refs[rid] = request
+        self.budget -= num_new
+        request.num_computed_tokens += num_new
+        if request.num_computed_tokens >= request.num_tokens + request.num_pending_tokens:
+            request.num_pending_tokens += 1
+            self.sampled.add(rid)
+
+    def unschedule(self, request: Request) -> None:
+        """Undo ``add`` (the request is being preempted; its computed count is reset anyway)."""
+        rid = request.request_id
+        self.budget += self.num_tokens.pop(rid)
+        del self.refs[rid]
+        self.cached.pop(rid, None)
+        if rid in self.sampled:
+            self.sampled.discard(rid)
+            request.num_pending_tokens -= 1
 
 
 class Scheduler:
@@ -64,7 +90,9 @@ class Scheduler:
       * ``_requests`` holds every unfinished request; each is either in ``_running``
         (status RUNNING, holding blocks) or in ``_waiting`` (WAITING/PREEMPTED, no blocks);
       * ``len(_running) <= max_batch_size``; a step schedules at most ``max_num_tokens``;
-      * ``num_computed_tokens <= num_tokens`` for every request;
+      * ``num_computed_tokens <= num_tokens + num_pending_tokens`` for every request, and
+        ``num_pending_tokens`` is 0 outside the window between a schedule() and the update()
+        of the same step (at most one step is ahead);
       * guaranteed_no_evict: the blocks still owed to running requests (their reservation
         for prompt + max_tokens minus what they hold) never exceed the free blocks, so
         running requests always get their next block and nothing is preempted.
@@ -208,6 +236,8 @@ class Scheduler:
             order=list(plan.num_tokens),
             preempted_request_ids=plan.preempted,
             finished_request_ids=self._finished_ids,
+            sampled_request_ids=plan.sampled,
+            request_refs=plan.refs,
         )
         self._finished_ids = set()
         return output
@@ -222,23 +252,29 @@ class Scheduler:
         # The hot loop of a decode-heavy step: keep per-request work to a few operations.
         allocate = self.block_manager.allocate_slots
         chunk = self._chunk
-        num_tokens, cached = plan.num_tokens, plan.cached
+        cached = plan.cached
+        max_model_len = self.config.max_model_len
         for request in list(self._running):  # a copy: preemption edits the list
             if plan.budget <= 0:
                 break
             if request.status is not RUNNING:
                 continue  # preempted earlier in this loop
+            pending = request.num_pending_tokens
+            if pending:
+                num_outputs = request.num_output_tokens + pending
+                if num_outputs >= request.max_tokens or request.num_prompt_tokens + num_outputs >= max_model_len:
+                    continue  # its pending token ends it: update() will finish it
             num_computed = request.num_computed_tokens
-            num_new = chunk(request.num_tokens - num_computed, plan.budget)
+            num_new = chunk(request.num_tokens + pending - num_computed, plan.budget)
+            if num_new <= 0:
+                continue
             new_ids = allocate(request, num_new)
             if new_ids is None:
                 new_ids = self._preempt_until_allocated(request, num_new, plan)
                 if new_ids is None:
                     continue
-            rid = request.request_id
-            num_tokens[rid] = num_new
-            cached[rid] = CachedRequestData(rid, new_ids, num_computed)
-            plan.budget -= num_new
+            cached[request.request_id] = CachedRequestData(request.request_id, new_ids, num_computed)
+            plan.add(request, num_new)
 
     def _preempt_until_allocated(self, request: Request, num_new: int, plan: _StepPlan) -> list[int] | None:
         """Free blocks by preempting the newest lowest-priority running requests."""
@@ -259,7 +295,7 @@ class Scheduler:
         rid = request.request_id
         self._running.remove(request)
         if rid in plan.num_tokens:
-            plan.unschedule(rid)
+            plan.unschedule(request)
         self._num_reserved -= self._reservation(request)
         self.block_manager.free(request)
         request.status = RequestStatus.PREEMPTED
@@ -285,6 +321,8 @@ class Scheduler:
 
     def _admit(self, request: Request, plan: _StepPlan) -> bool:
         bm = self.block_manager
+        if request.num_pending_tokens:
+            return False  # preempted while its last step ran: resumable once update() has its token
         hit = bm.get_computed_blocks(request)
         num_new = self._chunk(request.num_tokens - hit.num_tokens, plan.budget)
         reservation = self._reservation(request)
@@ -300,8 +338,7 @@ class Scheduler:
             request.num_cached_tokens = hit.num_tokens
         self._running.append(request)
         rid = request.request_id
-        plan.num_tokens[rid] = num_new
-        plan.budget -= num_new
+        plan.add(request, num_new)
         plan.new_requests.append(
             NewRequestData(
                 request_id=rid,
@@ -325,37 +362,60 @@ class Scheduler:
 
     # ------------------------------------------------------------------ update
     def update(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[Request]:
-        """Apply a step's results; return the requests that got tokens or finished."""
+        """Apply a step's results; return the requests that got tokens or finished.
+
+        Steps are updated in the order they were scheduled. A request may have been scheduled
+        again (or preempted) since this step; its token still counts. Results for a request
+        that finished or was aborted meanwhile, or whose id now names a newer request, are
+        dropped.
+        """
         changed: list[Request] = []
         failed = runner_output.failed_request_ids
         sampled_by_id = runner_output.sampled_token_ids
+        expected = scheduler_output.sampled_request_ids
+        refs = scheduler_output.request_refs
         cache_blocks = self.block_manager.cache_computed_blocks
         requests = self._requests
-        max_model_len = self.config.max_model_len
         any_finished = False
-        for rid, num in scheduler_output.num_scheduled_tokens.items():
+        for rid in scheduler_output.num_scheduled_tokens:
             request = requests.get(rid)
-            if request is None or request.status is not RUNNING:
-                continue  # aborted or finished while the step ran
-            if failed and rid in failed:
-                self._release(request, RequestStatus.FINISHED_ERROR, None)
-                changed.append(request)
-                any_finished = True
-                continue
-            request.num_computed_tokens += num
-            cache_blocks(request)
+            if request is None or request is not refs.get(rid, request):
+                continue  # finished, aborted, or the id now names another request
+            if rid in expected:
+                request.num_pending_tokens -= 1
             sampled = sampled_by_id.get(rid)
+            if (failed and rid in failed) or (rid in expected and not sampled):
+                if not (failed and rid in failed):
+                    logger.error("request %s: the runner returned no token for a sampling step", rid)
+                any_finished |= self._finish(request, RequestStatus.FINISHED_ERROR, None)
+                changed.append(request)
+                continue
+            if request.status is RUNNING:
+                cache_blocks(request)
             if not sampled:
                 continue  # a partial prefill chunk
-            outputs = request.output_token_ids
-            for token in sampled:
-                outputs.append(token)
-                stop = check_stop(request, token, max_model_len)
-                if stop is not None:
-                    self._release(request, stop[0], stop[1])
-                    any_finished = True
-                    break  # tokens after a stop (speculative ones) are dropped
+            any_finished |= self._append_outputs(request, sampled)
             changed.append(request)
         if any_finished:
             self._running = [r for r in self._running if r.status is RUNNING]
         return changed
+
+    def _append_outputs(self, request: Request, sampled: list[int]) -> bool:
+        """Append sampled tokens, stopping at the first that ends the request; True if it ended."""
+        outputs = request.output_token_ids
+        max_model_len = self.config.max_model_len
+        for token in sampled:
+            outputs.append(token)
+            stop = check_stop(request, token, max_model_len)
+            if stop is not None:
+                self._finish(request, stop[0], stop[1])
+                return True  # tokens after a stop (speculative ones) are dropped
+        return False
+
+    def _finish(self, request: Request, status: RequestStatus, stop_reason: int | str | None) -> bool:
+        """Finish a running or preempted request during update(); the caller filters
+        ``_running`` once at the end (returns True for that)."""
+        if request.status is not RUNNING:
+            self._waiting.remove(request.request_id)  # preempted while its last step ran
+        self._release(request, status, stop_reason)
+        return True

@@ -4,9 +4,9 @@
 
 Wraps the scheduler and runner methods of one engine with timers, fills the batch with
 `--batch` requests, waits until all of them decode, then times `--steps` decode steps.
-`gpu_wait` is the time the host blocks on the sampled ids; everything else is host work.
-`engine_outputs` / `engine_request_outputs` (the previous step's outputs) mostly run while
-the device computes the current step, so they only cost when they outlast it.
+`gpu_wait` is the time the host blocks on a step's sampled ids; everything else is host
+work, and since the engine queues step N+1 before waiting for step N, host work only costs
+when one step() call's host work outlasts the device's step.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def _instrument(engine: LLMEngine, acc: dict[str, float]) -> None:
 
     def collect_with_wait(handle):
         start = time.perf_counter()
-        torch.cuda.synchronize()
+        if handle.event is not None:  # only this step: the next one is already queued behind it
+            handle.event.synchronize()
         middle = time.perf_counter()
         acc["gpu_wait"] += middle - start
         try:

@@ -173,16 +173,25 @@ def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(tiny: TinyEngine
     assert stats.num_failed_steps == 1 and stats.kv_cache_usage == 0.0
 
 
-def test_tokens_arrive_one_step_late_except_the_first(tiny: TinyEngine, engine) -> None:
+def test_tokens_arrive_from_the_next_step_call(tiny: TinyEngine, engine) -> None:
     (prompt,) = random_prompts(16, [5], tiny.vocab_size)
     engine.add_request("a", prompt, greedy(4))
-    deltas = []
+    deltas, scheduled = [], []
+    launch = engine.runner.launch
+
+    def spy(scheduler_output):
+        scheduled.append(dict(scheduler_output.num_scheduled_tokens))
+        return launch(scheduler_output)
+
+    engine.runner.launch = spy
     while engine.has_unfinished_requests():
         deltas.append([o.outputs[0].delta_token_ids for o in engine.step()])
-    # Step 1 samples token 1 and delivers it at once; tokens 2..4 (sampled in steps 2..4)
-    # come out while the next step runs; the last one in a step with nothing scheduled.
+    # Call k launches step k and delivers step k-1's token. Step 2 feeds token 1 to the model
+    # from the device before the host has it; the 4th token ends the request (max_tokens),
+    # so call 5 schedules nothing and only delivers it.
     tokens = tiny.hf_greedy(prompt, 4)
-    assert deltas == [[tokens[:1]], [], [tokens[1:2]], [tokens[2:3]], [tokens[3:4]]]
+    assert deltas == [[], [tokens[:1]], [tokens[1:2]], [tokens[2:3]], [tokens[3:4]]]
+    assert scheduled == [{"a": 5}, {"a": 1}, {"a": 1}, {"a": 1}, {}]
 
 
 def test_shutdown_releases_the_tensors_even_after_gc_freeze(tiny: TinyEngine) -> None:

@@ -59,8 +59,11 @@ def make_scheduler(**overrides) -> Scheduler:
 class FakeRunner:
     """Executes SchedulerOutputs without a model, checking the scheduler <-> runner contract."""
 
-    def __init__(self, block_size: int, seed: int = 0, vocab: int = 8) -> None:
+    def __init__(self, block_size: int, seed: int = 0, vocab: int = 8, pipelined: bool = False) -> None:
         self.block_size = block_size
+        # Run one step ahead of the scheduler's update (like the engine): a request that failed
+        # may be scheduled once more before the scheduler hears of the failure.
+        self.pipelined = pipelined
         self.rng = random.Random(seed)
         self.vocab = vocab
         self.tokens: dict[str, list[int]] = {}
@@ -81,8 +84,7 @@ class FakeRunner:
 
     def _apply_plan(self, out: SchedulerOutput) -> None:
         for rid in out.finished_request_ids | out.preempted_request_ids:
-            for state in (self.tokens, self.num_prompt, self.blocks, self.computed):
-                state.pop(rid, None)
+            self._drop(rid)
         for new in out.new_requests:
             assert new.request_id not in self.tokens, f"{new.request_id} sent as new twice"
             self.tokens[new.request_id] = list(new.token_ids)
@@ -90,10 +92,15 @@ class FakeRunner:
             self.blocks[new.request_id] = list(new.block_ids)
             self.computed[new.request_id] = new.num_computed_tokens
         for cached in out.cached_requests:
+            if cached.request_id not in self.tokens:
+                continue  # it failed earlier; like the real runner, fail it again (execute)
             assert cached.num_computed_tokens == self.computed[cached.request_id]
             self.blocks[cached.request_id].extend(cached.new_block_ids)
         assert set(out.order) == set(out.num_scheduled_tokens)
-        assert set(out.order) == set(self.tokens) & set(out.order)
+
+    def _drop(self, rid: str) -> None:
+        for state in (self.tokens, self.num_prompt, self.blocks, self.computed):
+            state.pop(rid, None)
 
     def execute(
         self, out: SchedulerOutput, sample=None, failed: frozenset[str] = frozenset()
@@ -101,7 +108,13 @@ class FakeRunner:
         """Run one step; ``sample(rid) -> list[int]`` picks tokens (default: random)."""
         self._apply_plan(out)
         sampled: dict[str, list[int]] = {}
+        unknown = {rid for rid in out.order if rid not in self.tokens}
+        assert self.pipelined or not unknown, f"scheduled requests the runner never got: {unknown}"
+        failed = set(failed) | unknown
         for rid in out.order:
+            if rid in failed:
+                self._drop(rid)  # the real runner forgets a request it failed
+                continue
             n = out.num_scheduled_tokens[rid]
             start, tokens = self.computed[rid], self.tokens[rid]
             end = start + n
@@ -113,7 +126,7 @@ class FakeRunner:
             for pos in range(start, end):
                 self.kv[self._slot(rid, pos)] = prints[pos]
             self.computed[rid] = end
-            if end == len(tokens) and rid not in failed:
+            if end == len(tokens):
                 new = sample(rid) if sample else [self.rng.randrange(self.vocab)]
                 sampled[rid] = new
                 # The runner appends what it sampled; if the scheduler stops the request

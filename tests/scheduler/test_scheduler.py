@@ -315,3 +315,89 @@ def test_schedule_and_update_of_256_decodes_is_fast():
             assert len(out.num_scheduled_tokens) == 256
             best = min(best, time.perf_counter() - start)
     assert best < 3e-3, f"schedule + update of 256 decodes took {best * 1e3:.2f} ms"
+
+
+# ---------------------------------------------------------------- one step ahead (the engine's loop)
+
+
+def test_pipelined_decode_schedules_the_pending_token_and_updates_in_order():
+    sched = make_scheduler()
+    runner = FakeRunner(BS, pipelined=True)
+    req = make_request(6, max_tokens=4)
+    sched.add_request(req)
+    first = sched.schedule()
+    assert first.sampled_request_ids == {req.request_id} and req.num_pending_tokens == 1
+    r1 = runner.execute(first, sample=lambda rid: [11])
+    second = sched.schedule()  # before update(first): the pending token is fed by the runner
+    assert second.num_scheduled_tokens == {req.request_id: 1} and req.num_computed_tokens == 7
+    assert req.num_pending_tokens == 2 and req.num_output_tokens == 0
+    r2 = runner.execute(second, sample=lambda rid: [12])
+    assert sched.update(first, r1) == [req] and req.output_token_ids == [11]
+    assert sched.update(second, r2) == [req] and req.output_token_ids == [11, 12]
+    assert req.num_pending_tokens == 0 and req.num_computed_tokens == 7 and req.num_tokens == 8
+
+
+def test_pipelined_request_is_not_scheduled_past_max_tokens():
+    sched = make_scheduler()
+    runner = FakeRunner(BS, pipelined=True)
+    req = make_request(6, max_tokens=1)
+    sched.add_request(req)
+    first = sched.schedule()
+    r1 = runner.execute(first)
+    second = sched.schedule()  # its pending token is its last: nothing to run
+    assert second.num_scheduled_tokens == {}
+    sched.update(first, r1)
+    assert req.status is RequestStatus.FINISHED_LENGTH and req.num_output_tokens == 1
+
+
+def test_pipelined_eos_drops_the_token_of_the_step_already_running():
+    sched = make_scheduler()
+    runner = FakeRunner(BS, pipelined=True)
+    req = make_request(6, max_tokens=8, eos=0)
+    sched.add_request(req)
+    first = sched.schedule()
+    r1 = runner.execute(first, sample=lambda rid: [0])  # EOS
+    second = sched.schedule()
+    r2 = runner.execute(second, sample=lambda rid: [5])
+    sched.update(first, r1)
+    assert req.status is RequestStatus.FINISHED_STOPPED
+    assert sched.update(second, r2) == [] and req.output_token_ids == [0]
+    assert sched.block_manager.num_assigned_blocks == 0
+    assert req.request_id in sched.schedule().finished_request_ids
+
+
+def test_pipelined_results_never_reach_a_new_request_reusing_an_aborted_id():
+    sched = make_scheduler()
+    runner = FakeRunner(BS, pipelined=True)
+    old = make_request(6, max_tokens=8, request_id="same")
+    sched.add_request(old)
+    first = sched.schedule()
+    r1 = runner.execute(first, sample=lambda rid: [7])
+    sched.abort_request("same")
+    new = make_request(3, max_tokens=8, request_id="same")
+    sched.add_request(new)
+    second = sched.schedule()  # admits the newcomer; its sampled token is pending
+    assert second.new_requests[0].request_id == "same" and new.num_pending_tokens == 1
+    assert sched.update(first, r1) == []  # the old request's token
+    assert new.output_token_ids == [] and new.num_pending_tokens == 1
+    r2 = runner.execute(second, sample=lambda rid: [9])
+    assert sched.update(second, r2) == [new] and new.output_token_ids == [9]
+
+
+def test_pipelined_preemption_keeps_the_token_sampled_meanwhile():
+    # Two requests, room for one decode block more: the newer one is preempted while its
+    # last step runs; its token arrives in the waiting queue and is recomputed on resume.
+    sched = make_scheduler(num_blocks=4, max_num_tokens=64, capacity_policy="max_utilization")
+    runner = FakeRunner(BS, pipelined=True)
+    a, b = make_request(8, max_tokens=8), make_request(8, max_tokens=8)
+    sched.add_request(a)
+    sched.add_request(b)
+    first = sched.schedule()  # both prefilled: 4 blocks, all taken
+    r1 = runner.execute(first, sample=lambda rid: [3])
+    second = sched.schedule()  # a's pending token needs a 3rd block: b is preempted
+    assert second.preempted_request_ids == {b.request_id} and b.status is RequestStatus.PREEMPTED
+    r2 = runner.execute(second, sample=lambda rid: [4])
+    sched.update(first, r1)
+    assert b.output_token_ids == [3] and b.num_pending_tokens == 0 and b.num_computed_tokens == 0
+    sched.update(second, r2)
+    assert a.output_token_ids == [3, 4]

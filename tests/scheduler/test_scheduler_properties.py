@@ -6,6 +6,7 @@ to, so block-table or prefix-cache mistakes fail here too, not only bookkeeping 
 
 from __future__ import annotations
 
+import pytest
 from _sched_helpers import FakeRunner, make_request
 from hypothesis import HealthCheck, given, settings, target
 from hypothesis import strategies as st
@@ -49,7 +50,7 @@ def reservation(req, cfg: SchedulerConfig) -> int:
     return -(-total // cfg.block_size)
 
 
-def check_plan(sched: Scheduler, out, cfg: SchedulerConfig) -> None:
+def check_plan(sched: Scheduler, out, cfg: SchedulerConfig, pipelined: bool = False) -> None:
     bm = sched.block_manager
     assert out.total_num_scheduled_tokens <= cfg.max_num_tokens
     assert len(out.num_scheduled_tokens) <= cfg.max_batch_size
@@ -58,10 +59,11 @@ def check_plan(sched: Scheduler, out, cfg: SchedulerConfig) -> None:
         assert not out.preempted_request_ids
     owed = 0
     for req in sched._running:
-        n = out.num_scheduled_tokens.get(req.request_id, 0)
-        assert req.num_computed_tokens + n <= req.num_tokens
+        # schedule() already counted this step's tokens as computed (and its sample as pending).
+        assert req.num_computed_tokens <= req.num_tokens + req.num_pending_tokens
+        assert req.num_pending_tokens <= 1 + pipelined
         # Exactly the blocks the computed + scheduled tokens need: no hoarding, no leak.
-        assert len(bm.get_block_ids(req.request_id)) == -(-(req.num_computed_tokens + n) // cfg.block_size)
+        assert len(bm.get_block_ids(req.request_id)) == -(-req.num_computed_tokens // cfg.block_size)
         owed += reservation(req, cfg) - len(bm.get_block_ids(req.request_id))
     if cfg.guaranteed_no_evict:  # never over-committed: every running request can finish
         assert owed <= bm.num_free_blocks
@@ -93,11 +95,27 @@ def pick(items: list, index: int | None):
     return items[index % len(items)] if items and index is not None else None
 
 
-def drive(cfg: SchedulerConfig, script, seed: int, vocab: int) -> Scheduler:
-    """Play the script against a scheduler and a FakeRunner, checking every step."""
+def drive(cfg: SchedulerConfig, script, seed: int, vocab: int, pipelined: bool = False) -> Scheduler:
+    """Play the script against a scheduler and a FakeRunner, checking every step.
+
+    ``pipelined``: like the engine, step N+1 is scheduled and run before ``update`` gets step
+    N's results (the FakeRunner, like the real one, appends what it sampled itself).
+    """
     sched = Scheduler(cfg)
-    runner = FakeRunner(cfg.block_size, seed=seed, vocab=vocab)  # EOS (0) comes up now and then
+    runner = FakeRunner(cfg.block_size, seed=seed, vocab=vocab, pipelined=pipelined)  # EOS (0) comes up now and then
     admitted: list = []
+    in_flight = None
+
+    def run(out, failed=frozenset()):
+        nonlocal in_flight
+        result = runner.execute(out, failed=failed)
+        if not pipelined:
+            sched.update(out, result)
+            return
+        if in_flight is not None:
+            sched.update(*in_flight)
+        in_flight = (out, result)
+
     for arrivals, abort_i, finish_i, fail_i in script:
         for spec in arrivals:
             submit(sched, spec, admitted)
@@ -106,22 +124,23 @@ def drive(cfg: SchedulerConfig, script, seed: int, vocab: int) -> Scheduler:
             assert sched.abort_request(victim.request_id)
             assert sched.block_manager.get_block_ids(victim.request_id) == []
         out = sched.schedule()
-        check_plan(sched, out, cfg)
+        check_plan(sched, out, cfg, pipelined)
         unfinished = [r for r in admitted if not r.is_finished and r.status is RequestStatus.RUNNING]
         if (stopped := pick(unfinished, finish_i)) is not None:  # mid-step, like the engine
             sched.finish_request(stopped.request_id, RequestStatus.FINISHED_STOPPED, "stop")
         failed = pick(out.order, fail_i)
-        result = runner.execute(out, failed=frozenset([failed]) if failed else frozenset())
-        sched.update(out, result)
+        run(out, frozenset([failed]) if failed else frozenset())
         for req in admitted:
-            assert req.num_computed_tokens <= req.num_tokens
+            assert req.num_computed_tokens <= req.num_tokens + req.num_pending_tokens
     steps = 0
     while sched.has_unfinished_requests():  # everything admitted must finish
         out = sched.schedule()
-        check_plan(sched, out, cfg)
-        sched.update(out, runner.execute(out))
+        check_plan(sched, out, cfg, pipelined)
+        run(out)
         steps += 1
         assert steps < 2000, "a request never finishes"
+    if in_flight is not None:
+        sched.update(*in_flight)
     check_all_finished(sched, admitted)
     return sched
 
@@ -142,6 +161,12 @@ def check_all_finished(sched: Scheduler, admitted: list) -> None:
 @given(cfg=configs, script=events, seed=st.integers(0, 2**16))
 def test_random_workloads_keep_every_invariant(cfg, script, seed):
     drive(cfg, script, seed, vocab=10)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=configs, script=events, seed=st.integers(0, 2**16))
+def test_pipelined_random_workloads_keep_every_invariant(cfg, script, seed):
+    drive(cfg, script, seed, vocab=10, pipelined=True)
 
 
 # Memory pressure: max_utilization, a small cache, long outputs, everyone arriving early.
@@ -165,6 +190,7 @@ pressure_events = st.lists(
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=pressure_configs, script=pressure_events, seed=st.integers(0, 2**16))
-def test_preemption_under_memory_pressure_keeps_every_invariant(cfg, script, seed):
-    sched = drive(cfg, script, seed, vocab=1000)  # EOS almost never: outputs run long
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_preemption_under_memory_pressure_keeps_every_invariant(cfg, script, seed, pipelined):
+    sched = drive(cfg, script, seed, vocab=1000, pipelined=pipelined)  # EOS almost never: outputs run long
     target(float(sched.num_preemptions))  # steer the search towards more preemption
