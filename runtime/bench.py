@@ -17,6 +17,7 @@ import datetime as _dt
 import json
 import logging
 import platform
+import os
 import shlex
 import subprocess
 import sys
@@ -152,6 +153,9 @@ def run_latency(args: argparse.Namespace) -> BenchResult:
 
 
 def _commit() -> str:
+    """The checked-out commit; KILN_COMMIT overrides it (copies of the tree without .git)."""
+    if os.environ.get("KILN_COMMIT"):
+        return os.environ["KILN_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
                              capture_output=True, text=True, check=True)

@@ -12,6 +12,8 @@
 #   tp1000    bench-llm throughput 1000/1000 x N1000 requests (N1000, default 1000)
 #   tp2048    bench-llm throughput 2048/128 x N2048 requests  (N2048, default 1000)
 #   eager     adds --enforce-eager to every bench-llm run (comparison)
+# RECORD=1 appends each bench-llm result to $OUT/history.md (bench-llm --record; set
+# KILN_COMMIT when the tree has no .git), to be merged into BENCHMARKS.md's history.
 # Kiln goes on PYTHONPATH through symlinks (no pip install needed); the engine is built once
 # into $ENGINE (default /tmp/kiln-rand8b, never the repository). Logs go to $OUT (default
 # /tmp/kiln-bench-out); the last lines printed are a table of the figures.
@@ -27,6 +29,7 @@ for pkg in engine_builder scheduler runtime server; do ln -sfn "$REPO/$pkg" "/tm
 export PYTHONPATH=/tmp/kp${PYTHONPATH:+:$PYTHONPATH}
 EXTRA=()
 [[ " $RUNS " == *" eager "* ]] && EXTRA+=(--enforce-eager)
+[ "${RECORD:-0}" = 1 ] && EXTRA+=(--record "$OUT/history.md")
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 
 if [ ! -f "$ENGINE/kiln.json" ]; then
