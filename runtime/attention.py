@@ -162,6 +162,12 @@ class KernelSet:
     silu_and_mul: Callable[..., torch.Tensor] = layers.silu_and_mul
     apply_rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]] = layers.apply_rotary
     name: str = "torch"
+    # Small-batch decode: linear with the norm / SiLU / residual add fused in (layers.fused_linear
+    # is its reference), used for steps of at most ``small_batch_rows`` tokens; None = off.
+    small_linear: Callable[..., torch.Tensor] | None = None
+    small_batch_rows: int = 0  # fused decoder layers up to this many tokens
+    small_linear_max_rows: int = 0  # lm_head through small_linear up to this many rows
+    small_linear_k_multiple: int = 1  # every linear's input width must be a multiple of this
 
 
 def select_kernels(device: torch.device, attention_backend: str) -> KernelSet:
@@ -188,4 +194,10 @@ def select_kernels(device: torch.device, attention_backend: str) -> KernelSet:
     missing = sorted(set(_OPS) - set(found))
     if missing:
         logger.info("Triton kernels missing for %s; those use the torch references", missing)
-    return KernelSet(**found, name="triton")
+    gemv = getattr(kernels, "gemv", None)
+    # Measured on an H100 (BENCHMARKS.md "Small-batch GEMV"): the fused layers win at 1-2 rows
+    # and lose from 4 on; the plain GEMV beats cuBLAS on lm_head up to its 8-row limit.
+    small = {} if gemv is None else {"small_linear": gemv, "small_batch_rows": kernels.GEMV_FASTER_UP_TO_ROWS,
+                                     "small_linear_max_rows": kernels.GEMV_MAX_ROWS,
+                                     "small_linear_k_multiple": kernels.GEMV_K_MULTIPLE}
+    return KernelSet(**found, **small, name="triton")

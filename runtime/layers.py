@@ -53,6 +53,31 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def fused_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    silu_mul: bool = False,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x' @ weight^T (+ residual), where x' = rms_norm(x) with ``norm_weight``, or
+    silu_and_mul(x) with ``silu_mul``, else x: the small-batch decode op that the Triton
+    ``gemv`` fuses into one launch. Rounding points as the unfused chain: the normed (or
+    activated) input and the product are rounded to x's dtype, the residual add is fp32."""
+    if norm_weight is not None:
+        x32 = x.float()
+        x = (x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps) * norm_weight.float()).to(x.dtype)
+    elif silu_mul:
+        gate, up = x.float().chunk(2, dim=-1)
+        x = (F.silu(gate) * up).to(x.dtype)
+    out = F.linear(x, weight)
+    if residual is not None:
+        out = (residual.float() + out.float()).to(x.dtype)
+    return out
+
+
 def apply_rotary(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

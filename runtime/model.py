@@ -95,8 +95,14 @@ class DecoderLayer:
     def attention(
         self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, kv: torch.Tensor, attn: AttentionMetadata
     ) -> torch.Tensor:
+        return self.dense(self.attend(self.qkv(x), positions, cos_sin, kv, attn))
+
+    def attend(
+        self, qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, kv: torch.Tensor, attn: AttentionMetadata
+    ) -> torch.Tensor:
+        """Rotary, KV write and paged attention of the projected qkv [T, q + 2 kv]; [T, q_size]."""
         s, ops = self.shape, self.ops
-        q, k, v = self.qkv(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         q = q.reshape(-1, s.num_heads, s.head_size)
         k = k.reshape(-1, s.num_kv_heads, s.head_size)
         v = v.reshape(-1, s.num_kv_heads, s.head_size)
@@ -112,7 +118,7 @@ class DecoderLayer:
             q, kv[0], kv[1], attn.block_tables, attn.query_start_loc, attn.seq_lens,
             self.scale, attn.max_query_len, attn.max_seq_len,
         )
-        return self.dense(out.reshape(-1, self.q_size))
+        return out.reshape(-1, self.q_size)
 
     def __call__(
         self,
@@ -129,6 +135,22 @@ class DecoderLayer:
         x, residual = self.ops.fused_add_rms_norm(x, residual, self.post_norm, eps)
         x = self.down(self.ops.silu_and_mul(self.gate_up(x)))
         return x, residual
+
+    def small_batch(
+        self, h: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, kv: torch.Tensor,
+        attn: AttentionMetadata, linear: Callable[..., torch.Tensor],
+    ) -> torch.Tensor:
+        """The layer for a few tokens (decode at small batch), on the residual stream h:
+        five launches plus attention, the norms, SiLU and residual adds fused into the
+        linears (``linear`` is ``KernelSet.small_linear``). Single rank only: a row-parallel
+        linear's all-reduce must come before the residual add."""
+        eps = self.shape.norm_eps
+        qkv = linear(h, self.qkv.weight, norm_weight=self.input_norm, eps=eps)
+        if self.qkv.bias is not None:
+            qkv = qkv + self.qkv.bias
+        h = linear(self.attend(qkv, positions, cos_sin, kv, attn), self.dense.weight, residual=h)
+        gate_up = linear(h, self.gate_up.weight, norm_weight=self.post_norm, eps=eps)
+        return linear(gate_up, self.down.weight, silu_mul=True, residual=h)
 
 
 def _fused_rotary_kv(ops: KernelSet) -> Callable[..., torch.Tensor] | None:
@@ -170,12 +192,21 @@ class LlamaFamilyModel:
         self.device, self.dtype = device, dtype
         self.ops = ops or KernelSet()
         self.all_gather = all_gather
+        # The fused small-batch layer adds the residual right after each row-parallel linear,
+        # which is only right when there is no all-reduce in between (one rank).
+        self.small_batch_rows = self.ops.small_batch_rows if all_reduce is identity_collective else 0
         load = _WeightLoader(tensors, device, dtype)
         self.embedding = load("transformer.vocab_embedding.weight")
         self.layers = [
             DecoderLayer(load.layer(i, self.shape.qk_norm), self.shape, self.ops, all_reduce)
             for i in range(self.shape.num_layers)
         ]
+        widths = (self.shape.hidden_size, self.layers[0].q_size, self.layers[0].gate_up.weight.shape[0] // 2)
+        self.small_linear_max_rows = self.ops.small_linear_max_rows
+        if self.ops.small_linear is not None and any(w % self.ops.small_linear_k_multiple for w in widths):
+            logger.info("small-batch GEMV off: linear input widths %s are not multiples of %d",
+                        widths, self.ops.small_linear_k_multiple)
+            self.small_batch_rows = self.small_linear_max_rows = 0
         self.final_norm = load("transformer.ln_f.weight")
         self.lm_head = load.optional("lm_head.weight")
         if self.lm_head is None:
@@ -196,6 +227,12 @@ class LlamaFamilyModel:
     ) -> torch.Tensor:
         """Final-normed hidden states [T, H] of a flattened token batch; writes its KV."""
         x = F.embedding(input_ids, self.embedding)
+        if 0 < x.shape[0] <= self.small_batch_rows:
+            linear = self.ops.small_linear
+            for layer, kv in zip(self.layers, kv_caches):
+                x = layer.small_batch(x, positions, self.cos_sin_cache, kv, attn, linear)
+            x, _ = self.ops.fused_add_rms_norm(x, None, self.final_norm, self.shape.norm_eps)
+            return x
         residual = None
         for layer, kv in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, positions, self.cos_sin_cache, kv, attn)
@@ -204,7 +241,10 @@ class LlamaFamilyModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [S, vocab_size] of the selected hidden states [S, H]."""
-        logits = self.all_gather(F.linear(hidden, self.lm_head))
+        if 0 < hidden.shape[0] <= self.small_linear_max_rows:
+            logits = self.all_gather(self.ops.small_linear(hidden, self.lm_head))
+        else:
+            logits = self.all_gather(F.linear(hidden, self.lm_head))
         return logits[:, : self.shape.vocab_size].float()
 
     @torch.inference_mode()

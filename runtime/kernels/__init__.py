@@ -8,16 +8,24 @@ with the host.
 
 from ._common import KernelInputError
 from .elementwise import fused_add_rms_norm, silu_and_mul
+from .gemv import FASTER_UP_TO_ROWS as GEMV_FASTER_UP_TO_ROWS
+from .gemv import K_MULTIPLE as GEMV_K_MULTIPLE
+from .gemv import MAX_ROWS as GEMV_MAX_ROWS
+from .gemv import gemv
 from .paged_attention import AttentionConfig, choose_num_splits, default_config, paged_attention
 from .rotary import apply_rotary, rotary_and_write_kv, write_kv_cache
 
 __all__ = [
     "AttentionConfig",
+    "GEMV_FASTER_UP_TO_ROWS",
+    "GEMV_K_MULTIPLE",
+    "GEMV_MAX_ROWS",
     "KernelInputError",
     "apply_rotary",
     "choose_num_splits",
     "default_config",
     "fused_add_rms_norm",
+    "gemv",
     "paged_attention",
     "rotary_and_write_kv",
     "silu_and_mul",

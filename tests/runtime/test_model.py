@@ -9,8 +9,10 @@ import pytest
 import torch
 from test_model_helpers import ARCHS, tiny_engine
 
-from kiln.runtime.attention import AttentionMetadata
-from kiln.runtime.layers import UnsupportedRopeScalingError, build_cos_sin_cache
+import torch.nn.functional as F
+
+from kiln.runtime.attention import AttentionMetadata, KernelSet
+from kiln.runtime.layers import UnsupportedRopeScalingError, build_cos_sin_cache, fused_add_rms_norm, fused_linear
 from kiln.runtime.model import LlamaFamilyModel, UnsupportedModelError
 
 BLOCK_SIZE = 4
@@ -102,3 +104,46 @@ def test_unsupported_architecture_and_scaling_are_named(tmp_path: Path) -> None:
         LlamaFamilyModel(bad, engine.tensors, torch.device("cpu"), torch.float32)
     with pytest.raises(UnsupportedRopeScalingError, match="yarn"):
         build_cos_sin_cache(8, 16, 10000.0, {"rope_type": "yarn", "factor": 2.0})
+
+
+@pytest.mark.parametrize("kind", sorted(ARCHS))
+def test_small_batch_fused_layers_match_transformers(kind: str, tmp_path: Path) -> None:
+    """Steps of at most small_batch_rows tokens take the fused path (norm, SiLU and residual
+    add inside the linears, lm_head through the same op; the torch reference of the Triton
+    gemv here): a 12-token prefill runs unfused, then two decode steps of 3 rows run fused,
+    against HF logits."""
+    hf, engine = tiny_engine(tmp_path, kind)
+    mc = engine.model_config
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return fused_linear(*args, **kwargs)
+
+    ops = KernelSet(small_linear=spy, small_batch_rows=3, small_linear_max_rows=3)
+    model = LlamaFamilyModel(mc, engine.tensors, torch.device("cpu"), torch.float32, ops)
+    kv = [torch.zeros(2, NUM_BLOCKS, BLOCK_SIZE, mc.num_kv_heads_per_rank(), mc.head_size)
+          for _ in range(mc.num_hidden_layers)]
+    gen = torch.Generator().manual_seed(2)
+    rows = [torch.randint(0, mc.vocab_size, (n,), generator=gen).tolist() for n in (6, 8, 4)]
+    tables = [[3, 7], [12, 1], [20]]
+    for spans, fused in (([(0, 4), (0, 6), (0, 2)], False), ([(4, 5), (6, 7), (2, 3)], True),
+                         ([(5, 6), (7, 8), (3, 4)], True)):
+        calls.clear()
+        ids, pos, attn = make_batch(rows, spans, tables)
+        logits = model(ids, pos, kv, attn, torch.arange(len(ids)))
+        assert len(calls) == (4 * mc.num_hidden_layers + 1 if fused else 0)  # + lm_head
+        expected = torch.cat([hf_logits(hf, row)[s:e] for row, (s, e) in zip(rows, spans)])
+        assert_logits_close(logits, expected)
+
+
+def test_fused_linear_reference_rounds_like_the_unfused_chain() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x, h = torch.randn(3, 64, generator=gen).bfloat16(), torch.randn(3, 32, generator=gen).bfloat16()
+    w, g = torch.randn(32, 64, generator=gen).bfloat16(), torch.rand(64, generator=gen).bfloat16()
+    normed, _ = fused_add_rms_norm(x, None, g, 1e-5)
+    torch.testing.assert_close(fused_linear(x, w, norm_weight=g, eps=1e-5), F.linear(normed, w), rtol=0.02, atol=0.05)
+    gu = torch.randn(3, 128, generator=gen).bfloat16()
+    gate, up = gu.float().chunk(2, dim=-1)  # the Triton silu_and_mul works in fp32
+    unfused = (F.linear((F.silu(gate) * up).bfloat16(), w).float() + h.float()).bfloat16()
+    assert torch.equal(fused_linear(gu, w, silu_mul=True, residual=h), unfused)
