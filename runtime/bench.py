@@ -72,6 +72,7 @@ def _make_engine(args: argparse.Namespace):
         "max_batch_size": args.max_batch_size,
         "max_num_tokens": args.max_num_tokens,
         "kv_cache_fraction": args.kv_cache_fraction,
+        "capacity_policy": args.capacity_policy,
         "enforce_eager": args.enforce_eager or None,
         "device": args.device,
     }.items() if v is not None}
@@ -190,6 +191,9 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=int, help="scheduler: max sequences per step")
     p.add_argument("--max-num-tokens", type=int, help="scheduler: token budget per step")
     p.add_argument("--kv-cache-fraction", type=float, help="fraction of free GPU memory for the KV cache")
+    p.add_argument("--capacity-policy", choices=("guaranteed_no_evict", "max_utilization"),
+                   help="scheduler: reserve every request's prompt + max_tokens up front (default), or admit "
+                        "while blocks last and preempt when they run out")
     p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--record", nargs="?", const=str(REPO_ROOT / "BENCHMARKS.md"), metavar="FILE",

@@ -11,6 +11,7 @@
 #   tp128     bench-llm throughput 128/128 x N128 requests   (N128, default 3000)
 #   tp1000    bench-llm throughput 1000/1000 x N1000 requests (N1000, default 1000)
 #   tp2048    bench-llm throughput 2048/128 x N2048 requests  (N2048, default 1000)
+#   tp1000mu  tp1000 with --capacity-policy max_utilization (admit while blocks last, preempt)
 #   eager     adds --enforce-eager to every bench-llm run (comparison)
 # RECORD=1 appends each bench-llm result to $OUT/history.md (bench-llm --record; set
 # KILN_COMMIT when the tree has no .git), to be merged into BENCHMARKS.md's history.
@@ -55,6 +56,7 @@ for run in $RUNS; do
     case $run in
         tests)
             python -m pytest -q -p no:cacheprovider tests/runtime/test_cuda_graphs.py tests/runtime/test_runner_gpu.py \
+                tests/runtime/test_engine_gpu.py tests/kernels/test_gemv.py \
                 > "$OUT/tests.log" 2>&1; echo "tests rc=$?: $(tail -1 "$OUT/tests.log")" ;;
         profile)  # one process per configuration: each loads the 16 GB engine
             for prof in ${PROFILES:-1 256 256e}; do  # BATCH[e][t]: e = enforce_eager, t = kernel trace
@@ -68,6 +70,8 @@ for run in $RUNS; do
         tp128) bench tp128 throughput --isl 128 --osl 128 --num-requests "${N128:-3000}" ;;
         tp1000) bench tp1000 throughput --isl 1000 --osl 1000 --num-requests "${N1000:-1000}" ;;
         tp2048) bench tp2048 throughput --isl 2048 --osl 128 --num-requests "${N2048:-1000}" ;;
+        tp1000mu) bench tp1000mu throughput --isl 1000 --osl 1000 --num-requests "${N1000:-1000}" \
+                      --capacity-policy max_utilization ;;
         eager) ;;
         *) echo "unknown run $run"; exit 2 ;;
     esac

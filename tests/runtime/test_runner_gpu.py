@@ -30,6 +30,13 @@ def test_gpu_runner_greedy(backend: str, dtype: str, tmp_path: Path) -> None:
     config = EngineConfig(engine_dir="unused", device="cuda", block_size=BLOCK_SIZE, max_model_len=128,
                           max_batch_size=16, max_num_tokens=512, kv_cache_fraction=0.05, attention_backend=backend)
     runner = ModelRunner(config, engine)
+    try:
+        _check_greedy(runner, hf, dtype)
+    finally:
+        runner.shutdown()  # graphs make the runner immortal (gc.freeze): free its memory now
+
+
+def _check_greedy(runner: ModelRunner, hf: torch.nn.Module, dtype: str) -> None:
     assert runner.model.dtype == getattr(torch, dtype)
     assert runner.num_blocks * BLOCK_SIZE >= 128  # sized by profiling, at least one sequence
     sched = HandScheduler(min(runner.num_blocks, 4096))
