@@ -1,6 +1,7 @@
 """Where a decode step's time goes: perf_counter splits of LLMEngine.step at a fixed batch.
 
-    python scripts/profile_decode.py ENGINE_DIR --batch 256 [--eager] [--steps 50] [--trace]
+    python scripts/profile_decode.py ENGINE_DIR --batch 256 [--isl 128] [--eager] [--steps 50] [--trace]
+    python scripts/profile_decode.py ENGINE_DIR --prefill --batch 16 --isl 1000   # kernels of prefill steps
 
 Wraps the scheduler and runner methods of one engine with timers, fills the batch with
 `--batch` requests, waits until all of them decode, then times `--steps` decode steps.
@@ -120,6 +121,35 @@ def trace(engine_dir: str, batch: int, eager: bool, isl: int, steps: int = 5) ->
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=60))
 
 
+def trace_prefill(engine_dir: str, num_requests: int, isl: int) -> None:
+    """CUDA time per kernel of the steps that prefill ``num_requests`` prompts of ``isl`` tokens
+    (the token budget splits them into full steps), and their wall time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    engine = LLMEngine.from_engine_dir(engine_dir)
+    vocab = engine.model_config.vocab_size
+    rng = np.random.default_rng(1)
+    params = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0)
+    engine.add_request("warm", rng.integers(1000, vocab, size=isl).tolist(), params)
+    while engine.has_unfinished_requests():
+        engine.step()
+    for i in range(num_requests):
+        engine.add_request(f"f{i}", rng.integers(1000, vocab, size=isl).tolist(), params)
+    torch.cuda.synchronize()
+    start, steps = time.perf_counter(), 0
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        while engine.has_unfinished_requests():
+            engine.step()
+            steps += 1
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    tokens = num_requests * isl
+    print(f"== prefill of {num_requests} x {isl} tokens: {steps} steps, {wall * 1000:.1f} ms "
+          f"(profiler on), {wall * 1e6 / tokens:.1f} us/token")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=60))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("engine")
@@ -128,8 +158,13 @@ def main() -> None:
     parser.add_argument("--isl", type=int, default=128)
     parser.add_argument("--eager", action="store_true", help="profile with enforce_eager")
     parser.add_argument("--trace", action="store_true", help="per-kernel CUDA times instead of host splits")
+    parser.add_argument("--prefill", action="store_true",
+                        help="per-kernel CUDA times of prefilling --batch prompts of --isl tokens")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.prefill:
+        trace_prefill(args.engine, args.batch, args.isl)
+        return
     mode = "eager" if args.eager else "graphs"
     if args.trace:
         print(f"== kernels of 5 decode steps, batch {args.batch}, {mode}")
