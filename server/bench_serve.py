@@ -79,7 +79,10 @@ async def _one(client: Any, args: argparse.Namespace, prompt: Any) -> RequestRes
                     return result
                 if event.get("usage"):
                     result.output_tokens = event["usage"]["completion_tokens"]
-                if not any(_text(c) for c in event.get("choices", [])):
+                choices = event.get("choices", [])
+                # A token event: text, or a chunk without text (an engine without a tokenizer
+                # streams those; a final chunk marks the last tokens); usage-only chunks are not.
+                if not choices or not any(_text(c) or c.get("text") == "" for c in choices):
                     continue
                 now = time.perf_counter()
                 if last is None:

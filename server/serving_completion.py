@@ -80,6 +80,9 @@ class CompletionServing(OpenAIServing):
         prompt_tokens: dict[str, int] = {}
         completion_tokens = 0
         offsets: dict[int, int] = {}  # choice index -> text length so far (logprobs text_offset)
+        # Without a tokenizer every text is empty: send a chunk per step that made tokens, so a
+        # stream still shows when tokens come (TTFT, ITL) rather than nothing until the end.
+        textless = self.ctx.tokenizer is None
         async for out in stream:
             prompt_tokens[out.request_id] = len(out.prompt_token_ids)
             for c in out.outputs:
@@ -87,7 +90,8 @@ class CompletionServing(OpenAIServing):
                     raise EngineStepError("The engine failed while generating this response.")
                 index = prompt_index[out.request_id] * req.n + c.index
                 completion_tokens += len(c.delta_token_ids)
-                if c.delta_text or c.finish_reason is not None or (req.logprobs is not None and c.delta_logprobs):
+                if (c.delta_text or c.finish_reason is not None or (req.logprobs is not None and c.delta_logprobs)
+                        or (textless and c.delta_token_ids)):
                     lp = None
                     if req.logprobs is not None:
                         lp = completion_logprobs(c.delta_logprobs or [], self.ctx.strings, offsets.get(index, 0))

@@ -39,3 +39,35 @@ def test_summarize_percentiles_and_tpot():
     assert f["output_tokens_per_s"] == 50.0 and f["request_per_s"] == 5.0
     assert abs(f["tpot_mean_ms"] - 100.0) < 1e-6 and abs(f["ttft_p50_ms"] - 550.0) < 1e-6
     assert abs(f["ttft_p99_ms"] - 991.0) < 1e-6
+
+
+def test_an_engine_without_tokenizer_streams_a_chunk_per_step(tmp_path, capsys):
+    # Random-weight benchmark engines have no tokenizer: every text is empty. The stream must
+    # still show when tokens come (a chunk per step), or TTFT and ITL cannot be measured.
+    from kiln.engine_builder import build_engine
+    from kiln.runtime import LLMEngine
+
+    build_engine(None, tmp_path / "tiny", random_weights="tiny-llama", progress=False)
+    engine = LLMEngine.from_engine_dir(tmp_path / "tiny", device="cpu", max_model_len=128, num_kv_cache_tokens=2048)
+    assert engine.tokenizer is None
+    app = create_app(engine, ServerConfig(engine=EngineConfig(engine_dir="tiny"), served_model_name="tiny"))
+    try:
+        with ThreadServer(app) as server:
+            import httpx
+
+            body = {"prompt": [5, 6, 7, 8], "max_tokens": 6, "ignore_eos": True, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            with httpx.stream("POST", server.base_url + "/v1/completions", json=body, timeout=60) as r:
+                events = [json.loads(line[6:]) for line in r.iter_lines()
+                          if line.startswith("data: ") and line != "data: [DONE]"]
+            token_chunks = [e for e in events if e["choices"]]
+            assert 2 <= len(token_chunks) <= 6 and all(e["choices"][0]["text"] == "" for e in token_chunks)
+            assert token_chunks[-1]["choices"][0]["finish_reason"] == "length"
+            assert events[-1]["usage"]["completion_tokens"] == 6
+            code = main([server.base_url, "-n", "4", "--concurrency", "2", "--isl", "8", "--osl", "6",
+                         "--token-range", "10", "900", "--json"])
+            figures = json.loads(capsys.readouterr().out)["figures"]
+            assert code == 0 and figures["output_tokens"] == 4 * 6
+            assert 0 < figures["ttft_p50_ms"] and figures["itl_mean_ms"] > 0
+    finally:
+        engine.shutdown()
