@@ -26,7 +26,8 @@ from typing import Any
 from kiln.engine_builder.format import load_engine
 from kiln.runtime.config import EngineConfig
 from kiln.runtime.model_runner import EngineShutDownError, ModelRunner, StepHandle
-from kiln.runtime.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput, SequenceTracker
+from kiln.runtime.outputs import (CompletionOutput, EngineStats, RequestMetrics, RequestOutput, SequenceTracker,
+                                  merge_completions)
 from kiln.scheduler import RequestRejected, Scheduler, SchedulerConfig
 from kiln.scheduler.interface import RunnerOutput, SchedulerOutput
 from kiln.scheduler.request import Request, RequestStatus
@@ -264,7 +265,7 @@ class LLMEngine:
             if completion is not None:
                 choices = touched.setdefault(tracker.parent_id, {})
                 earlier = choices.get(tracker.index)
-                choices[tracker.index] = completion if earlier is None else _merge_deltas(earlier, completion)
+                choices[tracker.index] = completion if earlier is None else merge_completions(earlier, completion)
 
     def _launch(self, scheduler_output: SchedulerOutput) -> StepHandle:
         """Start the model step; a failing step fails only the requests it held."""
@@ -356,20 +357,6 @@ class LLMEngine:
             generation_tokens=self._num_generation_tokens,
             num_failed_steps=self._num_failed_steps,
         )
-
-
-def _merge_deltas(earlier: CompletionOutput, later: CompletionOutput) -> CompletionOutput:
-    """One output for a choice that two steps changed within one ``step()`` call (a step that
-    ran nothing on the device finishes right after the one before it)."""
-    logprobs = None
-    if earlier.delta_logprobs is not None or later.delta_logprobs is not None:
-        logprobs = (earlier.delta_logprobs or []) + (later.delta_logprobs or [])
-    return dataclasses.replace(
-        later,
-        delta_text=earlier.delta_text + later.delta_text,
-        delta_token_ids=earlier.delta_token_ids + later.delta_token_ids,
-        delta_logprobs=logprobs,
-    )
 
 
 def _load_tokenizer(path: Path) -> Any:

@@ -124,6 +124,35 @@ class EngineStats:
     num_failed_steps: int = 0
 
 
+def merge_completions(earlier: CompletionOutput, later: CompletionOutput) -> CompletionOutput:
+    """One output for two consecutive outputs of the same choice: ``later``'s cumulative
+    fields with both deltas joined (a caller that fell behind, or two steps in one call)."""
+    logprobs = None
+    if earlier.delta_logprobs is not None or later.delta_logprobs is not None:
+        logprobs = (earlier.delta_logprobs or []) + (later.delta_logprobs or [])
+    return CompletionOutput(
+        index=later.index, text=later.text, token_ids=later.token_ids, finish_reason=later.finish_reason,
+        stop_reason=later.stop_reason, logprobs=later.logprobs,
+        delta_text=earlier.delta_text + later.delta_text,
+        delta_token_ids=earlier.delta_token_ids + later.delta_token_ids,
+        delta_logprobs=logprobs,
+    )
+
+
+def merge_request_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """One output for two consecutive outputs of the same request: choices changed in either
+    (by index), deltas joined; ``later``'s state (finished, metrics)."""
+    choices = {c.index: c for c in earlier.outputs}
+    for c in later.outputs:
+        before = choices.get(c.index)
+        choices[c.index] = c if before is None else merge_completions(before, c)
+    return RequestOutput(
+        request_id=later.request_id, prompt=later.prompt, prompt_token_ids=later.prompt_token_ids,
+        outputs=[choices[i] for i in sorted(choices)], finished=later.finished, metrics=later.metrics,
+        num_cached_tokens=later.num_cached_tokens,
+    )
+
+
 class SequenceTracker:
     """Turns one scheduled sequence's progress into ``CompletionOutput``s, step by step.
 

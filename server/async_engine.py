@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
+from kiln.runtime.outputs import merge_request_outputs
 from kiln.scheduler.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -67,14 +68,35 @@ class GenerationStream:
         return [r for r in self.request_ids if r in self._unfinished]
 
     async def __aiter__(self) -> AsyncIterator[Any]:
+        """Outputs as they come; when several are already waiting (the consumer fell behind
+        the engine), those of the same request are merged into one, so a slow consumer sends
+        fewer, larger chunks instead of falling further behind."""
+        queue = self._queue
         while self._unfinished:
-            item = await self._queue.get()
-            if isinstance(item, BaseException):
-                self._unfinished.clear()
-                raise item
-            if item.finished:
-                self._unfinished.discard(item.request_id)
-            yield item
+            items = [await queue.get()]
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            for item in _coalesce(items):
+                if isinstance(item, BaseException):
+                    self._unfinished.clear()
+                    raise item
+                if item.finished:
+                    self._unfinished.discard(item.request_id)
+                yield item
+
+
+def _coalesce(items: list[Any]) -> list[Any]:
+    """Merge each request's consecutive outputs (in order of first appearance); an error
+    item ends the list where it stands."""
+    if len(items) == 1:
+        return items
+    merged: dict[str, Any] = {}
+    for i, item in enumerate(items):
+        if isinstance(item, BaseException):
+            return [*merged.values(), item]
+        before = merged.get(item.request_id)
+        merged[item.request_id] = item if before is None else merge_request_outputs(before, item)
+    return list(merged.values())
 
 
 @dataclass

@@ -114,11 +114,21 @@ def _load_engine(config: ServerConfig) -> Any:
     return engine
 
 
+_GIL_SWITCH_INTERVAL_S = 0.001
+
+
 def serve(app: Any, config: ServerConfig) -> int:
     import uvicorn
 
+    # The engine thread and the event loop share the GIL; at the default 5 ms switch interval
+    # the engine thread, which gives the GIL up at every device wait, can lose ~5 ms per step
+    # to a busy event loop (many streams), which then idles the GPU.
+    sys.setswitchinterval(_GIL_SWITCH_INTERVAL_S)
+    # Idle keep-alive connections are kept 30 s (uvicorn's 5 s races with clients that reuse a
+    # connection while the loop is busy: their next request meets a closed socket).
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_config=None,
-                               access_log=False, timeout_graceful_shutdown=5, log_level=config.log_level)
+                               access_log=False, timeout_graceful_shutdown=5, log_level=config.log_level,
+                               timeout_keep_alive=30)
     server = DrainingServer(uv_config, app, config.shutdown_timeout)
     logger.info("Serving model %r on http://%s:%d (auth %s)", config.model_name, config.host, config.port,
                 "on" if config.api_key else "off")

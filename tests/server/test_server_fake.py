@@ -56,7 +56,9 @@ def test_chat_stream_framing_n2_with_usage(fake):
     for index in (0, 1):
         mine = [c["choices"][0] for c in chunks[2:-1] if c["choices"][0]["index"] == index]
         assert "".join(ch["delta"].get("content", "") for ch in mine) == expected_text(prompt, 3)
-        assert [ch["finish_reason"] for ch in mine] == [None, None, None, "length"]
+        # One chunk per token unless the stream fell behind the engine (then tokens merge).
+        reasons = [ch["finish_reason"] for ch in mine]
+        assert 2 <= len(reasons) <= 4 and reasons == [None] * (len(reasons) - 1) + ["length"]
         assert mine[-1]["delta"] == {}
     assert chunks[-1]["choices"] == []
     assert chunks[-1]["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 6, "total_tokens": len(prompt) + 6}
