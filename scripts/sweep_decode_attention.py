@@ -1,0 +1,67 @@
+"""Decode-attention tile sweep at the 1000/1000 benchmark's shape (tuning aid, on a GPU).
+
+    python scripts/sweep_decode_attention.py [--batch 222] [--ctx-lo 1000] [--ctx-hi 2000]
+
+Llama-3.1-8B heads (32 q / 8 kv, head dim 128, bf16, block size 32), one decode token per
+sequence with contexts drawn uniformly from [ctx-lo, ctx-hi]; every configuration is
+graph-timed over distinct input sets (scripts/check_kernels_gpu.py helpers), checked against
+the default configuration's output, and reported in GB/s of KV read. Fastest last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import check_kernels_gpu as ck  # noqa: E402  (the graph timing and paged-batch helpers)
+
+from kiln.runtime.kernels import AttentionConfig, default_config, paged_attention  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=222)
+    p.add_argument("--ctx-lo", type=int, default=1000)
+    p.add_argument("--ctx-hi", type=int, default=2000)
+    args = p.parse_args()
+    rng = random.Random(0)
+    ctx = [rng.randint(args.ctx_lo, args.ctx_hi) for _ in range(args.batch)]
+    m = ck.LLAMA8B
+    nbytes = sum(c * m["hkv"] * m["d"] * 2 * 2 for c in ctx)
+    sets = [ck.paged_batch([1] * args.batch, ctx, m["hq"], m["hkv"], m["d"], m["bs"], m["dtype"])
+            for _ in range(ck.copies_for(nbytes))]
+    base = default_config(128, torch.bfloat16)
+
+    def fns(cfg: AttentionConfig, splits: int | None) -> list:
+        return [lambda b=b: paged_attention(**b, scale=0.088, max_query_len=1, max_seq_len=131072,
+                                            config=cfg, num_splits=splits) for b in sets]
+
+    reference = fns(base, None)[0]()
+    results = []
+    for bn in (32, 64, 128):
+        for warps, stages in ((2, 2), (2, 3), (4, 2), (4, 3), (4, 4), (8, 3), (8, 4)):
+            for splits in (None, 2):
+                cfg = AttentionConfig(**{**base.__dict__, "decode_block_n": bn, "decode_warps": warps,
+                                         "decode_stages": stages})
+                try:
+                    calls = fns(cfg, splits)
+                    err = (calls[0]() - reference).abs().max().item()
+                    ms = ck.graph_ms(calls)
+                except Exception as exc:  # a config that does not fit (shared memory) is skipped
+                    print(f"skip bn={bn} w={warps} s={stages} splits={splits}: {type(exc).__name__}")
+                    continue
+                results.append((ms, f"bn={bn} warps={warps} stages={stages} splits={splits or 1}", err))
+    results.sort(reverse=True)
+    for ms, what, err in results:
+        print(f"{what:44s} {ms:8.4f} ms {nbytes / (ms * 1e-3) / 1e9:8.0f} GB/s  max|diff| {err:.2e}")
+    print(f"default: bn={base.decode_block_n} warps={base.decode_warps} stages={base.decode_stages}; "
+          f"KV read per call {nbytes / 1e9:.2f} GB")
+
+
+if __name__ == "__main__":
+    main()
