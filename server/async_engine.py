@@ -205,7 +205,6 @@ class AsyncEngine:
                 if not self.engine.has_unfinished_requests():
                     # Anything put in the inbox after clear() sets _wake, so this cannot miss it.
                     self._wake.wait(0.5)
-                    self.stats = self.engine.get_stats()  # an engine process reports aborts late
                     continue
                 self._step()
         except BaseException:  # the loop is gone: fail everyone, report unhealthy

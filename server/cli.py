@@ -55,9 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to let in-flight requests finish after SIGTERM (default 30)")
     s.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"],
                    help="default info")
-    s.add_argument("--no-engine-process", dest="engine_process", action=_YesNo, value=False,
-                   help="run the engine in a thread of the server process instead of its own process "
-                        "(one GIL for both: slower under many concurrent streams)")
     e = p.add_argument_group("engine (scheduler and KV cache)")
     e.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
     e.add_argument("--max-num-tokens", type=int, help="token budget per step (default 8192)")
@@ -107,14 +104,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load_engine(config: ServerConfig) -> Any:
-    if config.engine_process:
-        from kiln.server.engine_process import RemoteEngine
+    from kiln.runtime.engine import LLMEngine
 
-        engine: Any = RemoteEngine(config.engine)
-    else:
-        from kiln.runtime.engine import LLMEngine
-
-        engine = LLMEngine(config.engine)
+    engine = LLMEngine(config.engine)
     runner = getattr(engine, "runner", None)
     logger.info("Engine loaded from %s: %s, max_model_len %d, %s KV blocks of %s tokens",
                 config.engine.engine_dir, engine.model_config.architecture, engine.max_model_len,

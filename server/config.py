@@ -44,8 +44,6 @@ class ServerConfig:
     max_queue: int | None = None
     shutdown_timeout: float = 30.0
     log_level: str = "info"
-    # The engine runs in its own process (server/engine_process.py); False: a thread of this one.
-    engine_process: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
