@@ -76,13 +76,22 @@ def _instrument(engine: LLMEngine, acc: dict[str, float]) -> None:
     gc.callbacks.append(on_gc)
 
 
+def _add_random_requests(engine: LLMEngine, prefix: str, count: int, isl: int, max_tokens: int,
+                         rng: np.random.Generator) -> None:
+    """``count`` greedy requests of ``isl`` random token ids, EOS ignored."""
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
+    for i in range(count):
+        engine.add_request(f"{prefix}{i}", rng.integers(1000, vocab, size=isl).tolist(), params)
+
+
+def _print_kernels(prof: object) -> None:
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=60))
+
+
 def profile(engine_dir: str, batch: int, steps: int, eager: bool, isl: int) -> dict[str, float]:
     engine = LLMEngine.from_engine_dir(engine_dir, enforce_eager=eager)
-    vocab = engine.model_config.vocab_size
-    rng = np.random.default_rng(0)
-    params = SamplingParams(max_tokens=steps + 64, ignore_eos=True, temperature=0.0)
-    for i in range(batch):
-        engine.add_request(f"p{i}", rng.integers(1000, vocab, size=isl).tolist(), params)
+    _add_random_requests(engine, "p", batch, isl, steps + 64, np.random.default_rng(0))
     while sum(len(out.outputs[0].delta_token_ids) for out in engine.step()) < batch:
         pass
     for _ in range(3):  # a few decode steps to warm up
@@ -107,18 +116,14 @@ def trace(engine_dir: str, batch: int, eager: bool, isl: int, steps: int = 5) ->
     from torch.profiler import profile as torch_profile
 
     engine = LLMEngine.from_engine_dir(engine_dir, enforce_eager=eager)
-    vocab = engine.model_config.vocab_size
-    rng = np.random.default_rng(0)
-    params = SamplingParams(max_tokens=steps + 64, ignore_eos=True, temperature=0.0)
-    for i in range(batch):
-        engine.add_request(f"t{i}", rng.integers(1000, vocab, size=isl).tolist(), params)
+    _add_random_requests(engine, "t", batch, isl, steps + 64, np.random.default_rng(0))
     for _ in range(8 + batch * isl // 8192):
         engine.step()
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             engine.step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=60))
+    _print_kernels(prof)
 
 
 def trace_prefill(engine_dir: str, num_requests: int, isl: int) -> None:
@@ -128,14 +133,11 @@ def trace_prefill(engine_dir: str, num_requests: int, isl: int) -> None:
     from torch.profiler import profile as torch_profile
 
     engine = LLMEngine.from_engine_dir(engine_dir)
-    vocab = engine.model_config.vocab_size
     rng = np.random.default_rng(1)
-    params = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0)
-    engine.add_request("warm", rng.integers(1000, vocab, size=isl).tolist(), params)
+    _add_random_requests(engine, "warm", 1, isl, 1, rng)
     while engine.has_unfinished_requests():
         engine.step()
-    for i in range(num_requests):
-        engine.add_request(f"f{i}", rng.integers(1000, vocab, size=isl).tolist(), params)
+    _add_random_requests(engine, "f", num_requests, isl, 1, rng)
     torch.cuda.synchronize()
     start, steps = time.perf_counter(), 0
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -147,7 +149,7 @@ def trace_prefill(engine_dir: str, num_requests: int, isl: int) -> None:
     tokens = num_requests * isl
     print(f"== prefill of {num_requests} x {isl} tokens: {steps} steps, {wall * 1000:.1f} ms "
           f"(profiler on), {wall * 1e6 / tokens:.1f} us/token")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=60))
+    _print_kernels(prof)
 
 
 def main() -> None:
