@@ -69,6 +69,7 @@ class LLMEngine:
         # Not kept: its memory-mapped tensors are only read while the runner builds the model.
         loaded_engine = load_engine(config.engine_dir, rank=0)
         self.model_config = loaded_engine.model_config
+        _check_runnable(self.model_config, config.engine_dir)
         self.tokenizer = _load_tokenizer(Path(loaded_engine.path))
         self.eos_token_ids = _eos_token_ids(Path(loaded_engine.path), self.tokenizer)
         self.runner = ModelRunner(config, loaded_engine)
@@ -356,6 +357,20 @@ class LLMEngine:
             prompt_tokens=self._num_prompt_tokens,
             generation_tokens=self._num_generation_tokens,
             num_failed_steps=self._num_failed_steps,
+        )
+
+
+class UnsupportedEngineError(ValueError):
+    """The engine directory holds a model this runtime cannot execute correctly."""
+
+
+def _check_runnable(model_config: Any, engine_dir: str | Path) -> None:
+    """Refuse what would run silently wrong: a tensor-parallel engine is split over
+    ``tp_size`` rank files, and running one rank's shard as the whole model gives garbage."""
+    if model_config.tp_size > 1 or model_config.pp_size > 1:
+        raise UnsupportedEngineError(
+            f"engine {engine_dir} was built with --tp {model_config.tp_size} (pp {model_config.pp_size}); "
+            "this runtime executes single-rank engines only: rebuild it with --tp 1"
         )
 
 
