@@ -72,8 +72,15 @@ class ModelConfig:
     pp_size: int = 1
     quant_algo: str | None = None
     hidden_act: str = "silu"
+    # config.json "quantization" as stored (TensorRT-LLM field names); quant_algo mirrors its key.
+    quantization: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        if self.quantization is None:  # TensorRT-LLM's defaults around quant_algo
+            object.__setattr__(self, "quantization", {
+                "quant_algo": self.quant_algo, "kv_cache_quant_algo": None, "group_size": 128,
+                "has_zero_point": False, "pre_quant_scale": False, "exclude_modules": None,
+            })
         tp, heads, kv = self.tp_size, self.num_attention_heads, self.num_key_value_heads
         if self.dtype not in DTYPES:
             raise BuildOptionError(f"unknown dtype {self.dtype!r} (choose from {', '.join(DTYPES)})")
@@ -96,16 +103,20 @@ class ModelConfig:
     def padded_vocab_size(self) -> int:
         return math.ceil(self.vocab_size / self.tp_size) * self.tp_size
 
+    @property
     def num_heads_per_rank(self) -> int:
         return self.num_attention_heads // self.tp_size
 
+    @property
     def num_kv_heads_per_rank(self) -> int:
         """KV heads each rank holds: 1 (a duplicate) when there are fewer KV heads than ranks."""
         return max(self.num_key_value_heads // self.tp_size, 1)
 
+    @property
     def intermediate_size_per_rank(self) -> int:
         return self.intermediate_size // self.tp_size
 
+    @property
     def vocab_rows_per_rank(self) -> int:
         return self.padded_vocab_size // self.tp_size
 
@@ -138,10 +149,7 @@ class ModelConfig:
             "rotary_base": self.rotary_base,
             "rotary_scaling": self.rotary_scaling,
             "mapping": {"world_size": self.tp_size * self.pp_size, "tp_size": self.tp_size, "pp_size": self.pp_size},
-            "quantization": {
-                "quant_algo": self.quant_algo, "kv_cache_quant_algo": None, "group_size": 128,
-                "has_zero_point": False, "pre_quant_scale": False, "exclude_modules": None,
-            },
+            "quantization": dict(self.quantization),
             "use_parallel_embedding": False,
             "embedding_sharding_dim": 0,
             "share_embedding_table": False,  # lm_head.weight is always written
@@ -176,6 +184,7 @@ class ModelConfig:
             pp_size=int(mapping.get("pp_size", 1)),
             quant_algo=(cfg.get("quantization") or {}).get("quant_algo"),
             hidden_act=cfg.get("hidden_act", "silu"),
+            quantization=cfg.get("quantization"),
         )
 
 
@@ -246,7 +255,7 @@ def _span(index: int, size: int) -> tuple[int, int]:
 def _qkv_pieces(mc: ModelConfig, names: dict[str, str], rank: int, suffix: str) -> tuple[Piece, ...]:
     d = mc.head_size
     kv = mc.kv_heads_of_rank(rank)
-    q_rows = _span(rank, mc.num_heads_per_rank() * d)
+    q_rows = _span(rank, mc.num_heads_per_rank * d)
     kv_rows = (kv.start * d, kv.stop * d)
     return (Piece(names["q" + suffix], q_rows), Piece(names["k" + suffix], kv_rows), Piece(names["v" + suffix], kv_rows))
 
@@ -254,8 +263,8 @@ def _qkv_pieces(mc: ModelConfig, names: dict[str, str], rank: int, suffix: str) 
 def plan_rank(mc: ModelConfig, names: dict[str, str], rank: int) -> list[OutputTensor]:
     """Tensors of ``rank{rank}.safetensors`` in file order, each with its source pieces."""
     h, d = mc.hidden_size, mc.head_size
-    qkv_rows = (mc.num_heads_per_rank() + 2 * mc.num_kv_heads_per_rank()) * d
-    inter = mc.intermediate_size_per_rank()
+    qkv_rows = (mc.num_heads_per_rank + 2 * mc.num_kv_heads_per_rank) * d
+    inter = mc.intermediate_size_per_rank
     out = [OutputTensor(EMBEDDING, (mc.vocab_size, h), (Piece(names["embed"]),))]
     for layer in range(mc.num_hidden_layers):
         src = {key: tmpl.format(l=layer) for key, tmpl in names.items()}
@@ -267,7 +276,7 @@ def plan_rank(mc: ModelConfig, names: dict[str, str], rank: int) -> list[OutputT
         if mc.qk_norm:
             out.append(OutputTensor(pre + "attention.q_layernorm.weight", (d,), (Piece(src["q_norm"]),)))
             out.append(OutputTensor(pre + "attention.k_layernorm.weight", (d,), (Piece(src["k_norm"]),)))
-        q_cols = _span(rank, mc.num_heads_per_rank() * d)
+        q_cols = _span(rank, mc.num_heads_per_rank * d)
         out.append(OutputTensor(pre + "attention.dense.weight", (h, q_cols[1] - q_cols[0]), (Piece(src["o"], cols=q_cols),)))
         out.append(OutputTensor(pre + "post_layernorm.weight", (h,), (Piece(src["post_norm"]),)))
         out.append(OutputTensor(pre + "mlp.fc.weight", (inter, h), (Piece(src["gate"], _span(rank, inter)),)))
@@ -279,7 +288,7 @@ def plan_rank(mc: ModelConfig, names: dict[str, str], rank: int) -> list[OutputT
 
 
 def _lm_head(mc: ModelConfig, names: dict[str, str], rank: int) -> OutputTensor:
-    rows = mc.vocab_rows_per_rank()
+    rows = mc.vocab_rows_per_rank
     a, b = _span(rank, rows)
     real = (min(a, mc.vocab_size), min(b, mc.vocab_size))
     source = names["embed"] if mc.tie_word_embeddings else names["lm_head"]

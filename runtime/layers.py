@@ -1,28 +1,18 @@
-"""Building blocks of the Llama-family model: torch reference ops and tensor-parallel linears.
+"""Building blocks of the Llama-family model: the torch reference ops and the rotary cache.
 
-The reference ops (``fused_add_rms_norm``, ``silu_and_mul``, ``apply_rotary``) have the exact
-signatures of DESIGN.md "Kernel API"; on CUDA the Triton kernels replace them through
-``attention.KernelSet``. Linears hold this rank's shard as stored in the engine (TP splits
-are done by the builder); a row-parallel linear ends in an all-reduce hook that is the
-identity at tp_size 1.
+The reference ops (``fused_add_rms_norm``, ``silu_and_mul``, ``apply_rotary``,
+``fused_linear``) have the exact signatures of DESIGN.md "Kernel API"; on CUDA the Triton
+kernels replace them through ``attention.KernelSet``. Linear layers (precision and tensor
+parallelism) live in runtime/linear.py.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-Collective = Callable[[torch.Tensor], torch.Tensor]
-
-
-def identity_collective(x: torch.Tensor) -> torch.Tensor:
-    """The all-reduce / all-gather of a single rank: nothing to combine."""
-    return x
-
 
 class UnsupportedRopeScalingError(ValueError):
     """The engine asks for a rotary scaling type Kiln does not implement."""
@@ -131,31 +121,3 @@ def build_cos_sin_cache(
         )
     freqs = torch.outer(positions, inv_freq)
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1).float()
-
-
-# ----------------------------------------------------------------------------- linears
-
-
-class ColumnParallelLinear:
-    """y = x @ W^T (+ b) with W this rank's rows of the full weight; outputs stay sharded."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        self.weight = weight
-        self.bias = bias
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-
-class RowParallelLinear:
-    """y = all_reduce(x_shard @ W_shard^T): W holds this rank's input columns.
-
-    The all-reduce runs before any bias would be added, so the bias is counted once.
-    """
-
-    def __init__(self, weight: torch.Tensor, all_reduce: Collective = identity_collective) -> None:
-        self.weight = weight
-        self.all_reduce = all_reduce
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.all_reduce(F.linear(x, self.weight))

@@ -18,32 +18,19 @@ import torch
 import torch.nn.functional as F
 
 from kiln.runtime.attention import AttentionMetadata, KernelSet
-from kiln.runtime.layers import (
-    Collective,
-    ColumnParallelLinear,
-    RowParallelLinear,
-    build_cos_sin_cache,
-    identity_collective,
-    rms_norm,
-)
+from kiln.runtime.layers import build_cos_sin_cache, rms_norm
+from kiln.runtime.linear import (Linear, LinearContext, LinearMethod, MissingWeightError, UnquantizedLinear,
+                                 linear_method_for)
+from kiln.runtime.parallel import SINGLE_RANK, Collectives
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+__all__ = ["LlamaFamilyModel", "MissingWeightError", "ModelShape", "UnsupportedModelError"]
 
 
 class UnsupportedModelError(ValueError):
     """The engine holds a model this runtime cannot execute."""
-
-
-class MissingWeightError(KeyError):
-    """A tensor the model needs is absent from the engine."""
-
-
-def config_value(model_config: Any, name: str) -> Any:
-    """Read a ModelConfig value that may be exposed as a method or a plain attribute."""
-    value = getattr(model_config, name)
-    return value() if callable(value) else value
 
 
 @dataclass(frozen=True)
@@ -64,8 +51,8 @@ class ModelShape:
         return cls(
             hidden_size=int(mc.hidden_size),
             num_layers=int(mc.num_hidden_layers),
-            num_heads=int(config_value(mc, "num_heads_per_rank")),
-            num_kv_heads=int(config_value(mc, "num_kv_heads_per_rank")),
+            num_heads=mc.num_heads_per_rank,
+            num_kv_heads=mc.num_kv_heads_per_rank,
             head_size=int(mc.head_size),
             vocab_size=int(mc.vocab_size),
             norm_eps=float(mc.norm_epsilon),
@@ -76,26 +63,25 @@ class ModelShape:
 class DecoderLayer:
     """Pre-norm attention + gated MLP; the residual stream is carried between layers unnormed."""
 
-    def __init__(self, weights: dict[str, torch.Tensor], shape: ModelShape, ops: KernelSet, all_reduce: Collective):
+    def __init__(self, weights: dict[str, Any], shape: ModelShape, ops: KernelSet, group: Collectives) -> None:
         self.shape = shape
         self.ops = ops
         self.input_norm = weights["input_layernorm"]
         self.post_norm = weights["post_layernorm"]
-        self.qkv = ColumnParallelLinear(weights["qkv"], weights.get("qkv_bias"))
+        self.qkv = Linear(weights["qkv"], weights.get("qkv_bias"))  # column parallel
         self.q_norm = weights.get("q_layernorm")
         self.k_norm = weights.get("k_layernorm")
-        self.dense = RowParallelLinear(weights["dense"], all_reduce)
-        self.gate_up = ColumnParallelLinear(weights["gate_up"])
-        self.down = RowParallelLinear(weights["proj"], all_reduce)
+        self.dense = Linear(weights["dense"], collectives=group)  # row parallel
+        self.gate_up = Linear(weights["gate_up"])  # column parallel, [gate | up] of this rank
+        self.down = Linear(weights["proj"], collectives=group)  # row parallel
         self.q_size = shape.num_heads * shape.head_size
         self.kv_size = shape.num_kv_heads * shape.head_size
         self.scale = shape.head_size**-0.5
         self.rotary_and_write_kv = _fused_rotary_kv(ops)
 
-    def attention(
-        self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, kv: torch.Tensor, attn: AttentionMetadata
-    ) -> torch.Tensor:
-        return self.dense(self.attend(self.qkv(x), positions, cos_sin, kv, attn))
+    @property
+    def linears(self) -> tuple[Linear, ...]:
+        return (self.qkv, self.dense, self.gate_up, self.down)
 
     def attend(
         self, qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, kv: torch.Tensor, attn: AttentionMetadata
@@ -130,27 +116,26 @@ class DecoderLayer:
         attn: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         eps = self.shape.norm_eps
-        x, residual = self.ops.fused_add_rms_norm(x, residual, self.input_norm, eps)
-        x = self.attention(x, positions, cos_sin, kv, attn)
-        x, residual = self.ops.fused_add_rms_norm(x, residual, self.post_norm, eps)
-        x = self.down(self.ops.silu_and_mul(self.gate_up(x)))
+        x, residual = self.qkv.method.norm_input(x, residual, self.input_norm, eps)
+        x = self.attend(self.qkv(x), positions, cos_sin, kv, attn)
+        x = self.dense(self.dense.method.prepare(x))
+        x, residual = self.gate_up.method.norm_input(x, residual, self.post_norm, eps)
+        x = self.down(self.down.method.act_input(self.gate_up(x)))
         return x, residual
 
     def small_batch(
         self, h: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, kv: torch.Tensor,
-        attn: AttentionMetadata, linear: Callable[..., torch.Tensor],
+        attn: AttentionMetadata,
     ) -> torch.Tensor:
-        """The layer for a few tokens (decode at small batch), on the residual stream h:
-        five launches plus attention, the norms, SiLU and residual adds fused into the
-        linears (``linear`` is ``KernelSet.small_linear``). Single rank only: a row-parallel
-        linear's all-reduce must come before the residual add."""
+        """The layer for a few tokens (decode at small batch), on the residual stream h: four
+        fused GEMVs plus rotary/KV write and attention, the norms, SiLU and residual adds
+        inside the linears (``Linear.small``; with tensor parallelism the residual joins rank
+        0's partial product before the all-reduce)."""
         eps = self.shape.norm_eps
-        qkv = linear(h, self.qkv.weight, norm_weight=self.input_norm, eps=eps)
-        if self.qkv.bias is not None:
-            qkv = qkv + self.qkv.bias
-        h = linear(self.attend(qkv, positions, cos_sin, kv, attn), self.dense.weight, residual=h)
-        gate_up = linear(h, self.gate_up.weight, norm_weight=self.post_norm, eps=eps)
-        return linear(gate_up, self.down.weight, silu_mul=True, residual=h)
+        qkv = self.qkv.small(h, norm_weight=self.input_norm, eps=eps)
+        h = self.dense.small(self.attend(qkv, positions, cos_sin, kv, attn), residual=h)
+        gate_up = self.gate_up.small(h, norm_weight=self.post_norm, eps=eps)
+        return self.down.small(gate_up, silu_mul=True, residual=h)
 
 
 def _fused_rotary_kv(ops: KernelSet) -> Callable[..., torch.Tensor] | None:
@@ -180,46 +165,47 @@ class LlamaFamilyModel:
         dtype: torch.dtype,
         ops: KernelSet | None = None,
         max_positions: int | None = None,
-        all_reduce: Collective = identity_collective,
-        all_gather: Collective = identity_collective,
+        group: Collectives = SINGLE_RANK,
     ) -> None:
         arch = model_config.architecture
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(f"architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-        if getattr(model_config, "quant_algo", None):
-            raise UnsupportedModelError(f"quantized engines ({model_config.quant_algo}) are not supported by this runtime yet")
         self.shape = ModelShape.from_model_config(model_config)
         self.device, self.dtype = device, dtype
         self.ops = ops or KernelSet()
-        self.all_gather = all_gather
-        # The fused small-batch layer adds the residual right after each row-parallel linear,
-        # which is only right when there is no all-reduce in between (one rank).
-        self.small_batch_rows = self.ops.small_batch_rows if all_reduce is identity_collective else 0
-        load = _WeightLoader(tensors, device, dtype)
-        self.embedding = load("transformer.vocab_embedding.weight")
+        self.group = group
+        quantization = dict(model_config.quantization)
+        ctx = LinearContext(device, dtype, self.ops, quantization)
+        load = _WeightLoader(tensors, ctx, linear_method_for(model_config.quant_algo))
+        self.embedding = load("transformer.vocab_embedding.weight")  # replicated on every rank
         self.layers = [
-            DecoderLayer(load.layer(i, self.shape.qk_norm), self.shape, self.ops, all_reduce)
+            DecoderLayer(load.layer(i, self.shape.qk_norm), self.shape, self.ops, group)
             for i in range(self.shape.num_layers)
         ]
-        widths = (self.shape.hidden_size, self.layers[0].q_size, self.layers[0].gate_up.weight.shape[0] // 2)
-        self.small_linear_max_rows = self.ops.small_linear_max_rows
-        if self.ops.small_linear is not None and any(w % self.ops.small_linear_k_multiple for w in widths):
-            logger.info("small-batch GEMV off: linear input widths %s are not multiples of %d",
-                        widths, self.ops.small_linear_k_multiple)
-            self.small_batch_rows = self.small_linear_max_rows = 0
         self.final_norm = load("transformer.ln_f.weight")
-        self.lm_head = load.optional("lm_head.weight")
-        if self.lm_head is None:
+        # lm_head stays in the model dtype (TensorRT-LLM excludes it from quantization); each
+        # rank holds a slice of the (padded) vocabulary and the logits are gathered.
+        lm_head = load.optional("lm_head.weight")
+        if lm_head is None:
             if not model_config.tie_word_embeddings:
                 raise MissingWeightError("engine has no lm_head.weight and does not tie word embeddings")
-            self.lm_head = self.embedding
+            lm_head = self.embedding
+        self.lm_head = UnquantizedLinear.from_weight(ctx, lm_head)
+        # Steps of at most this many tokens run the fused small-batch layers / lm_head GEMV.
+        fused = all(lin.method.has_small for layer in self.layers for lin in layer.linears)
+        self.small_batch_rows = self.ops.small_batch_rows if fused else 0
+        self.small_linear_max_rows = self.ops.small_linear_max_rows if self.lm_head.has_small else 0
+        if self.ops.small_linear is not None and not fused:
+            logger.info("small-batch fused layers off: a linear's input width is not a multiple of %d",
+                        self.ops.small_linear_k_multiple)
         positions = max(int(model_config.max_position_embeddings), max_positions or 0)
         self.cos_sin_cache = build_cos_sin_cache(
             self.shape.head_size, positions, float(model_config.rotary_base), model_config.rotary_scaling
         ).to(device)
         logger.info(
-            "model %s: %d layers, %d/%d heads per rank, dtype %s on %s, ops %s",
-            arch, self.shape.num_layers, self.shape.num_heads, self.shape.num_kv_heads, dtype, device, self.ops.name,
+            "model %s: %d layers, %d/%d heads per rank (rank %d of %d), dtype %s, quantization %s on %s, ops %s",
+            arch, self.shape.num_layers, self.shape.num_heads, self.shape.num_kv_heads, group.rank, group.world_size,
+            dtype, model_config.quant_algo, device, self.ops.name,
         )
 
     def hidden_states(
@@ -228,9 +214,8 @@ class LlamaFamilyModel:
         """Final-normed hidden states [T, H] of a flattened token batch; writes its KV."""
         x = F.embedding(input_ids, self.embedding)
         if 0 < x.shape[0] <= self.small_batch_rows:
-            linear = self.ops.small_linear
             for layer, kv in zip(self.layers, kv_caches):
-                x = layer.small_batch(x, positions, self.cos_sin_cache, kv, attn, linear)
+                x = layer.small_batch(x, positions, self.cos_sin_cache, kv, attn)
             x, _ = self.ops.fused_add_rms_norm(x, None, self.final_norm, self.shape.norm_eps)
             return x
         residual = None
@@ -240,12 +225,11 @@ class LlamaFamilyModel:
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits [S, vocab_size] of the selected hidden states [S, H]."""
-        if 0 < hidden.shape[0] <= self.small_linear_max_rows:
-            logits = self.all_gather(self.ops.small_linear(hidden, self.lm_head))
-        else:
-            logits = self.all_gather(F.linear(hidden, self.lm_head))
-        return logits[:, : self.shape.vocab_size].float()
+        """float32 logits [S, vocab_size] of the selected hidden states [S, H] (every rank's
+        vocabulary slice, gathered)."""
+        head = self.lm_head
+        local = head.small(hidden) if 0 < hidden.shape[0] <= self.small_linear_max_rows else head.apply(hidden)
+        return self.group.all_gather(local)[:, : self.shape.vocab_size].float()
 
     @torch.inference_mode()
     def forward(
@@ -265,14 +249,15 @@ class LlamaFamilyModel:
 
 
 class _WeightLoader:
-    """Fetches TRT-LLM-named tensors onto the device and repacks what the model fuses."""
+    """Fetches TRT-LLM-named tensors onto the device; linears become methods of the engine's
+    precision, with what the model fuses (gate and up) fused."""
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> None:
-        self.tensors, self.device, self.dtype = tensors, device, dtype
+    def __init__(self, tensors: Mapping[str, torch.Tensor], ctx: LinearContext, method: type[LinearMethod]) -> None:
+        self.tensors, self.ctx, self.method = tensors, ctx, method
 
     def optional(self, name: str) -> torch.Tensor | None:
         tensor = self.tensors.get(name)
-        return None if tensor is None else tensor.to(device=self.device, dtype=self.dtype).contiguous()
+        return None if tensor is None else tensor.to(device=self.ctx.device, dtype=self.ctx.dtype).contiguous()
 
     def __call__(self, name: str) -> torch.Tensor:
         tensor = self.optional(name)
@@ -280,17 +265,20 @@ class _WeightLoader:
             raise MissingWeightError(f"engine tensor {name!r} is missing")
         return tensor
 
-    def layer(self, index: int, qk_norm: bool) -> dict[str, torch.Tensor]:
+    def linear(self, prefix: str) -> LinearMethod:
+        return self.method.load(self.ctx, self.tensors.get, prefix)
+
+    def layer(self, index: int, qk_norm: bool) -> dict[str, Any]:
         prefix = f"transformer.layers.{index}."
-        weights = {
+        weights: dict[str, Any] = {
             "input_layernorm": self(prefix + "input_layernorm.weight"),
             "post_layernorm": self(prefix + "post_layernorm.weight"),
-            "qkv": self(prefix + "attention.qkv.weight"),
-            "dense": self(prefix + "attention.dense.weight"),
-            "proj": self(prefix + "mlp.proj.weight"),
+            "qkv": self.linear(prefix + "attention.qkv"),
+            "dense": self.linear(prefix + "attention.dense"),
+            "proj": self.linear(prefix + "mlp.proj"),
             # mlp.fc is the activated (gate) branch, mlp.gate the up branch: [fc; gate] makes
             # one GEMM whose halves feed silu_and_mul directly.
-            "gate_up": torch.cat((self(prefix + "mlp.fc.weight"), self(prefix + "mlp.gate.weight"))),
+            "gate_up": self.method.concat([self.linear(prefix + "mlp.fc"), self.linear(prefix + "mlp.gate")]),
         }
         bias = self.optional(prefix + "attention.qkv.bias")
         if bias is not None:

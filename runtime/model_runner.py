@@ -29,7 +29,7 @@ from kiln.runtime.config import EngineConfig
 from kiln.runtime.cuda_graphs import DecodeGraphs, graph_batch_sizes, graph_memory_estimate
 from kiln.runtime.input_batch import InputBatch, ModelInputs, SamplingBatch
 from kiln.runtime.kv_cache import KVCache, KVCacheSpec, cpu_num_blocks, explicit_num_blocks, gpu_num_blocks
-from kiln.runtime.model import LlamaFamilyModel, config_value
+from kiln.runtime.model import LlamaFamilyModel
 from kiln.runtime.sampler import Sampler, SamplerOutput, SamplingMetadata
 from kiln.scheduler.interface import RunnerOutput, SchedulerOutput
 from kiln.scheduler.sampling_params import SamplingParams
@@ -69,7 +69,7 @@ class ModelRunner:
         self.sampler = Sampler()
         spec = KVCacheSpec(
             num_layers=int(mc.num_hidden_layers), block_size=self.block_size,
-            num_kv_heads=int(config_value(mc, "num_kv_heads_per_rank")), head_size=int(mc.head_size), dtype=self.dtype,
+            num_kv_heads=mc.num_kv_heads_per_rank, head_size=int(mc.head_size), dtype=self.dtype,
         )
         self.num_blocks = self._size_kv_cache(spec)
         self.kv_cache = KVCache(spec, self.num_blocks, self.device)

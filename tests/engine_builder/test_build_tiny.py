@@ -115,12 +115,12 @@ def _check_config(cfg: dict, hf_cfg: dict, tp: int) -> None:
 def _check_rank_shapes(engine, hf_cfg: dict, tp: int) -> None:
     mc = engine.model_config
     d, kv = hf_cfg["head_dim"], hf_cfg["num_key_value_heads"]
-    assert mc.num_heads_per_rank() == hf_cfg["num_attention_heads"] // tp
-    assert mc.num_kv_heads_per_rank() == max(kv // tp, 1)
+    assert mc.num_heads_per_rank == hf_cfg["num_attention_heads"] // tp
+    assert mc.num_kv_heads_per_rank == max(kv // tp, 1)
     assert mc.padded_vocab_size == math.ceil(VOCAB / tp) * tp
     t = engine.tensors
-    assert t["transformer.layers.0.attention.qkv.weight"].shape == ((mc.num_heads_per_rank() + 2 * mc.num_kv_heads_per_rank()) * d, 64)
-    assert t["transformer.layers.1.attention.dense.weight"].shape == (64, mc.num_heads_per_rank() * d)
+    assert t["transformer.layers.0.attention.qkv.weight"].shape == ((mc.num_heads_per_rank + 2 * mc.num_kv_heads_per_rank) * d, 64)
+    assert t["transformer.layers.1.attention.dense.weight"].shape == (64, mc.num_heads_per_rank * d)
     assert t["transformer.layers.1.mlp.fc.weight"].shape == (128 // tp, 64)
     assert t["transformer.layers.1.mlp.proj.weight"].shape == (64, 128 // tp)
     assert t["lm_head.weight"].shape == (mc.padded_vocab_size // tp, 64)

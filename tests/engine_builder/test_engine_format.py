@@ -94,8 +94,8 @@ def _mc(**overrides) -> ModelConfig:
 
 def test_model_config_per_rank_helpers():
     mc = _mc(tp_size=4)
-    assert (mc.num_heads_per_rank(), mc.num_kv_heads_per_rank(), mc.intermediate_size_per_rank()) == (2, 1, 32)
-    assert mc.padded_vocab_size == 1004 and mc.vocab_rows_per_rank() == 251
+    assert (mc.num_heads_per_rank, mc.num_kv_heads_per_rank, mc.intermediate_size_per_rank) == (2, 1, 32)
+    assert mc.padded_vocab_size == 1004 and mc.vocab_rows_per_rank == 251
     assert [list(mc.kv_heads_of_rank(r)) for r in range(4)] == [[0], [0], [1], [1]]
     assert [list(_mc(tp_size=2, num_key_value_heads=4).kv_heads_of_rank(r)) for r in range(2)] == [[0, 1], [2, 3]]
     assert ModelConfig.from_trtllm_config(mc.to_trtllm_config()) == mc

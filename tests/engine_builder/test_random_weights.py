@@ -23,7 +23,7 @@ def test_presets_cover_the_required_models_and_shard_cleanly():
             mc = get_architecture(cfg).model_config(cfg, tp, None)
             assert mc.dtype in ("bfloat16", "float32")
     mc = get_architecture(load_preset("llama-3.1-8b")).model_config(load_preset("llama-3.1-8b"), 8, None)
-    assert mc.rotary_scaling["rope_type"] == "llama3" and mc.num_kv_heads_per_rank() == 1
+    assert mc.rotary_scaling["rope_type"] == "llama3" and mc.num_kv_heads_per_rank == 1
 
 
 def test_unknown_preset_lists_the_available_ones():

@@ -200,7 +200,7 @@ def test_shutdown_releases_the_tensors_even_after_gc_freeze(tiny: TinyEngine) ->
     engine.add_request("a", [5, 6, 7], greedy(8))
     engine.step()
     runner = engine.runner
-    held = [weakref.ref(t) for t in (runner.kv_cache.kv[0], runner.model.layers[0].qkv.weight,
+    held = [weakref.ref(t) for t in (runner.kv_cache.kv[0], runner.model.layers[0].qkv.method.weight,
                                      runner.input_batch.staging.dev_bytes)]
     del runner
     gc.collect()

@@ -57,7 +57,7 @@ def test_mixed_chunked_batch_matches_transformers(kind: str, tmp_path: Path) -> 
     hf, engine = tiny_engine(tmp_path, kind)
     model = LlamaFamilyModel(engine.model_config, engine.tensors, torch.device("cpu"), torch.float32)
     mc = engine.model_config
-    kv = [torch.zeros(2, NUM_BLOCKS, BLOCK_SIZE, mc.num_kv_heads_per_rank(), mc.head_size)
+    kv = [torch.zeros(2, NUM_BLOCKS, BLOCK_SIZE, mc.num_kv_heads_per_rank, mc.head_size)
           for _ in range(mc.num_hidden_layers)]
     gen = torch.Generator().manual_seed(1)
     rows = [torch.randint(0, mc.vocab_size, (n,), generator=gen).tolist() for n in (13, 8, 2)]
@@ -76,7 +76,7 @@ def test_logits_indices_select_rows(tmp_path: Path) -> None:
     hf, engine = tiny_engine(tmp_path, "llama")
     mc = engine.model_config
     model = LlamaFamilyModel(mc, engine.tensors, torch.device("cpu"), torch.float32)
-    kv = [torch.zeros(2, 8, BLOCK_SIZE, mc.num_kv_heads_per_rank(), mc.head_size) for _ in range(2)]
+    kv = [torch.zeros(2, 8, BLOCK_SIZE, mc.num_kv_heads_per_rank, mc.head_size) for _ in range(2)]
     rows = [[3, 1, 4, 1, 5], [9, 2, 6]]
     ids, pos, attn = make_batch(rows, [(0, 5), (0, 3)], [[0, 1], [2]])
     logits = model(ids, pos, kv, attn, torch.tensor([4, 7]))
@@ -90,7 +90,7 @@ def test_padded_lm_head_rows_are_cut(tmp_path: Path) -> None:
     mc = engine.model_config
     engine.tensors["lm_head.weight"] = torch.cat((engine.tensors["lm_head.weight"], torch.zeros(3, mc.hidden_size)))
     model = LlamaFamilyModel(mc, engine.tensors, torch.device("cpu"), torch.float32)
-    kv = [torch.zeros(2, 4, BLOCK_SIZE, mc.num_kv_heads_per_rank(), mc.head_size) for _ in range(2)]
+    kv = [torch.zeros(2, 4, BLOCK_SIZE, mc.num_kv_heads_per_rank, mc.head_size) for _ in range(2)]
     ids, pos, attn = make_batch([[5, 6, 7]], [(0, 3)], [[1]])
     logits = model(ids, pos, kv, attn, torch.tensor([2]))
     assert logits.shape == (1, mc.vocab_size)
@@ -122,7 +122,7 @@ def test_small_batch_fused_layers_match_transformers(kind: str, tmp_path: Path) 
 
     ops = KernelSet(small_linear=spy, small_batch_rows=3, small_linear_max_rows=3)
     model = LlamaFamilyModel(mc, engine.tensors, torch.device("cpu"), torch.float32, ops)
-    kv = [torch.zeros(2, NUM_BLOCKS, BLOCK_SIZE, mc.num_kv_heads_per_rank(), mc.head_size)
+    kv = [torch.zeros(2, NUM_BLOCKS, BLOCK_SIZE, mc.num_kv_heads_per_rank, mc.head_size)
           for _ in range(mc.num_hidden_layers)]
     gen = torch.Generator().manual_seed(2)
     rows = [torch.randint(0, mc.vocab_size, (n,), generator=gen).tolist() for n in (6, 8, 4)]

@@ -18,7 +18,7 @@ def prompt_logits(model: LlamaFamilyModel, mc, prompt: list[int]) -> torch.Tenso
     """Logits of every prompt position, one sequence in contiguous blocks."""
     n = len(prompt)
     num_blocks = -(-n // BLOCK_SIZE)
-    kv = [torch.zeros(2, num_blocks, BLOCK_SIZE, mc.num_kv_heads_per_rank(), mc.head_size, dtype=model.dtype)
+    kv = [torch.zeros(2, num_blocks, BLOCK_SIZE, mc.num_kv_heads_per_rank, mc.head_size, dtype=model.dtype)
           for _ in range(mc.num_hidden_layers)]
     attn = AttentionMetadata(
         slot_mapping=torch.arange(n), block_tables=torch.arange(num_blocks, dtype=torch.int32)[None],
