@@ -84,8 +84,11 @@ class ModelConfig:
         tp, heads, kv = self.tp_size, self.num_attention_heads, self.num_key_value_heads
         if self.dtype not in DTYPES:
             raise BuildOptionError(f"unknown dtype {self.dtype!r} (choose from {', '.join(DTYPES)})")
-        if tp < 1 or self.pp_size != 1:
-            raise BuildOptionError(f"tp must be >= 1 and pp must be 1 (got tp={tp}, pp={self.pp_size})")
+        if self.pp_size != 1:
+            raise BuildOptionError(f"pipeline parallelism (pp {self.pp_size}) is not supported: build the engine with "
+                                   "tensor parallelism only (--tp)")
+        if tp < 1:
+            raise BuildOptionError(f"tp must be >= 1 (got {tp})")
         if heads % tp:
             raise BuildOptionError(f"tp={tp} does not divide the {heads} attention heads")
         if heads % kv:

@@ -45,6 +45,8 @@ class EngineConfig:
     enforce_eager: bool = False
     attention_backend: str = "auto"
     seed: int = 0
+    # GPU index of each tensor-parallel rank (rank r runs on cuda:devices[r]); None = 0..tp-1.
+    devices: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         device = str(self.device)
@@ -64,6 +66,11 @@ class EngineConfig:
             raise EngineConfigError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction!r}")
         if self.num_kv_cache_tokens is not None and self.num_kv_cache_tokens < 1:
             raise EngineConfigError(f"num_kv_cache_tokens must be a positive integer, got {self.num_kv_cache_tokens!r}")
+        if self.devices is not None:
+            devices = tuple(self.devices)
+            if not devices or any(not isinstance(d, int) or d < 0 for d in devices) or len(set(devices)) != len(devices):
+                raise EngineConfigError(f"devices must be distinct GPU indices (e.g. 0,1), got {self.devices!r}")
+            object.__setattr__(self, "devices", devices)
         if self.max_model_len is not None and self.max_model_len < 1:
             raise EngineConfigError(f"max_model_len must be a positive integer, got {self.max_model_len!r}")
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from kiln.engine_builder.format import load_engine
 from kiln.runtime.config import EngineConfig
+from kiln.runtime.executor import Executor, FatalEngineError, make_executor
 from kiln.runtime.model_runner import EngineShutDownError, ModelRunner, StepHandle
 from kiln.runtime.outputs import (CompletionOutput, EngineStats, RequestMetrics, RequestOutput, SequenceTracker,
                                   merge_completions)
@@ -66,21 +67,20 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        # Not kept: its memory-mapped tensors are only read while the runner builds the model.
+        # Not kept: its memory-mapped tensors are only read while rank 0's runner builds the model.
         loaded_engine = load_engine(config.engine_dir, rank=0)
         self.model_config = loaded_engine.model_config
-        _check_runnable(self.model_config, config.engine_dir)
         self.tokenizer = _load_tokenizer(Path(loaded_engine.path))
         self.eos_token_ids = _eos_token_ids(Path(loaded_engine.path), self.tokenizer)
-        self.runner = ModelRunner(config, loaded_engine)
+        self.executor: Executor = make_executor(config, loaded_engine)
         del loaded_engine
-        self.max_model_len = self._resolve_max_model_len()
+        self.max_model_len = self.executor.max_model_len
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_tokens=config.max_num_tokens,
                 max_batch_size=config.max_batch_size,
-                block_size=self.runner.block_size,
-                num_blocks=self.runner.num_blocks,
+                block_size=self.executor.block_size,
+                num_blocks=self.executor.num_blocks,
                 max_model_len=self.max_model_len,
                 capacity_policy=config.capacity_policy,
                 enable_prefix_caching=config.enable_prefix_caching,
@@ -91,12 +91,12 @@ class LLMEngine:
         self._num_prompt_tokens = 0
         self._num_generation_tokens = 0
         self._num_failed_steps = 0
-        self._undelivered_finished_ids: set[str] = set()
         # The step launched by the last step() and not collected yet (it runs on the device).
         self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
         logger.info(
-            "engine ready: %s, max_model_len=%d, %d KV blocks of %d tokens",
-            self.model_config.architecture, self.max_model_len, self.runner.num_blocks, self.runner.block_size,
+            "engine ready: %s, tp %d, max_model_len=%d, %d KV blocks of %d tokens",
+            self.model_config.architecture, self.model_config.tp_size, self.max_model_len,
+            self.executor.num_blocks, self.executor.block_size,
         )
 
     @classmethod
@@ -107,16 +107,21 @@ class LLMEngine:
     def get_tokenizer(self) -> Any:
         return self.tokenizer
 
+    @property
+    def runner(self) -> ModelRunner:
+        """Rank 0's model runner (in this process)."""
+        return self.executor.driver
+
     def shutdown(self) -> None:
         """Abort every request and release the device memory (weights, KV cache, CUDA graphs,
         batch buffers) now; idempotent. ``del engine`` alone frees none of it (module docstring).
         Afterwards ``add_request`` and ``step`` raise ``EngineShutDownError``."""
-        if self.runner.is_shut_down:
+        if self.executor.is_shut_down:
             return
         for request_id in list(self._parents):
             self.abort_request(request_id)
         self._in_flight = None
-        self.runner.shutdown()
+        self.executor.shutdown()
 
     def __enter__(self) -> LLMEngine:
         return self
@@ -125,17 +130,9 @@ class LLMEngine:
         self.shutdown()
 
     def _check_running(self) -> None:
-        if self.runner.is_shut_down:
+        self.executor.check_alive()
+        if self.executor.is_shut_down:
             raise EngineShutDownError("the engine was shut down; build a new one")
-
-    def _resolve_max_model_len(self) -> int:
-        limit = self.config.resolve_max_model_len(self.model_config)
-        kv_tokens = self.runner.num_blocks * self.runner.block_size
-        if limit > kv_tokens:
-            # One sequence can never be longer than the whole KV pool.
-            logger.warning("max_model_len capped from %d to %d, the tokens the KV cache holds", limit, kv_tokens)
-            limit = kv_tokens
-        return limit
 
     # ------------------------------------------------------------------ requests
 
@@ -269,28 +266,29 @@ class LLMEngine:
                 choices[tracker.index] = completion if earlier is None else merge_completions(earlier, completion)
 
     def _launch(self, scheduler_output: SchedulerOutput) -> StepHandle:
-        """Start the model step; a failing step fails only the requests it held."""
-        if self._undelivered_finished_ids:
-            scheduler_output.finished_request_ids |= self._undelivered_finished_ids
-            self._undelivered_finished_ids = set()
+        """Start the model step; a failing step fails only the requests it held (a dead
+        tensor-parallel rank fails the engine: FatalEngineError propagates)."""
         try:
-            return self.runner.launch(scheduler_output)
+            return self.executor.launch(scheduler_output)
+        except FatalEngineError:
+            raise
         except Exception:
-            return StepHandle(self._failed_step(scheduler_output))
+            # The runner may have raised before folding in the plan's finished ids.
+            return StepHandle(self._failed_step(scheduler_output, plan_not_applied=True))
 
     def _collect(self, handle: StepHandle, scheduler_output: SchedulerOutput) -> RunnerOutput:
         try:
-            return self.runner.collect(handle)
+            return self.executor.collect(handle)
+        except FatalEngineError:
+            raise
         except Exception:
             return self._failed_step(scheduler_output)
 
-    def _failed_step(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+    def _failed_step(self, scheduler_output: SchedulerOutput, plan_not_applied: bool = False) -> RunnerOutput:
         ids = sorted(scheduler_output.num_scheduled_tokens)
         self._num_failed_steps += 1
         logger.exception("model step failed for %d requests %s; finishing them with an error", len(ids), ids[:8])
-        # The runner may have raised before dropping these: tell it again next step.
-        self._undelivered_finished_ids = set(scheduler_output.finished_request_ids)
-        return RunnerOutput(failed_request_ids=set(ids))
+        return RunnerOutput(failed_request_ids=set(ids), plan_not_applied=plan_not_applied)
 
     def _process(self, tracker: SequenceTracker, logprobs: dict[str, list[tuple[float, list[tuple[int, float]]]]],
                  now: float) -> CompletionOutput | None:
@@ -357,20 +355,6 @@ class LLMEngine:
             prompt_tokens=self._num_prompt_tokens,
             generation_tokens=self._num_generation_tokens,
             num_failed_steps=self._num_failed_steps,
-        )
-
-
-class UnsupportedEngineError(ValueError):
-    """The engine directory holds a model this runtime cannot execute correctly."""
-
-
-def _check_runnable(model_config: Any, engine_dir: str | Path) -> None:
-    """Refuse what would run silently wrong: a tensor-parallel engine is split over
-    ``tp_size`` rank files, and running one rank's shard as the whole model gives garbage."""
-    if model_config.tp_size > 1 or model_config.pp_size > 1:
-        raise UnsupportedEngineError(
-            f"engine {engine_dir} was built with --tp {model_config.tp_size} (pp {model_config.pp_size}); "
-            "this runtime executes single-rank engines only: rebuild it with --tp 1"
         )
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import bisect
 import logging
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,6 +61,15 @@ class ModelInputs:
     num_reqs: int = 0
     graph_batch_size: int | None = None
     sample_rows: torch.Tensor | None = None  # [S] int64 device: the rows sampled, logits order
+
+
+@dataclass
+class ScheduledRows:
+    """The requests a step runs, in batch order: their rows and scheduled token counts."""
+
+    order: list[str]
+    rows: np.ndarray  # int64
+    counts: np.ndarray  # int64
 
 
 @dataclass
@@ -109,7 +118,6 @@ class InputBatch:
         self.requests: dict[str, RequestState] = {}
         self.free_rows = list(range(max_batch_size - 1, -1, -1))
         self.staging = Staging(max(max_num_tokens, max_batch_size), max_batch_size, self.max_blocks_per_seq, device)
-        self.graph_sizes: list[int] = []  # sorted batch sizes with a captured decode graph
 
     # ------------------------------------------------------------------ state
 
@@ -230,16 +238,9 @@ class InputBatch:
             bad.add(r)
         return bad
 
-    def prepare(self, so: SchedulerOutput, skip: set[str],
-                resolve_pending: Callable[[], None] | None = None) -> tuple[ModelInputs, SamplingBatch, np.ndarray] | None:
-        """Build the step's device tensors for every scheduled request not in ``skip``.
-
-        Returns None when nothing is left to run, else (inputs, sampling, sampled rows).
-        Tokens of request b run at positions ``num_computed .. num_computed + n_b``; it is
-        sampled when that range reaches its tokens, pending ones included. When a sampled
-        row needs its token history on the host (penalties) and some of it is still pending,
-        ``resolve_pending()`` is called first to bring it there.
-        """
+    def scheduled_rows(self, so: SchedulerOutput, skip: set[str]) -> ScheduledRows | None:
+        """The rows and token counts of every scheduled request not in ``skip``, in batch
+        order; None when nothing is left to run."""
         scheduled = so.num_scheduled_tokens
         order = [r for r in so.order if scheduled.get(r, 0) > 0 and r not in skip]
         if not order:
@@ -247,16 +248,32 @@ class InputBatch:
         requests = self.requests
         rows = np.fromiter((requests[r].row for r in order), dtype=np.int64, count=len(order))
         counts = np.fromiter((scheduled[r] for r in order), dtype=np.int64, count=len(order))
+        return ScheduledRows(order, rows, counts)
+
+    def needs_pending_history(self, scheduled: ScheduledRows) -> bool:
+        """True when a row that samples with penalties (which read its whole token history on
+        the host) still has tokens pending on the device: resolve them before ``prepare``."""
+        rows = scheduled.rows
         pending = self.num_pending[rows]
-        if resolve_pending is not None and pending.any() and self.sampling.penalties[rows[pending > 0]].any():
-            resolve_pending()
+        return bool(pending.any() and self.sampling.penalties[rows[pending > 0]].any())
+
+    def prepare(self, scheduled: ScheduledRows, graph_sizes: Sequence[int] = ()
+                ) -> tuple[ModelInputs, SamplingBatch, np.ndarray]:
+        """Build the step's device tensors for the scheduled rows: (inputs, sampling, sampled rows).
+
+        Tokens of request b run at positions ``num_computed .. num_computed + n_b``; it is
+        sampled when that range reaches its tokens, pending ones included. A decode-only step
+        is padded to the smallest of ``graph_sizes`` (sorted batch sizes with a captured CUDA
+        graph) that holds it.
+        """
+        order, rows, counts = scheduled.order, scheduled.rows, scheduled.counts
         starts = self.num_computed[rows]
         seq_lens = starts + counts
         sampled = np.flatnonzero(seq_lens >= self.num_tokens[rows] + self.num_pending[rows])
         num_tokens = int(counts.sum())
         decode_only = num_tokens == len(order) == len(sampled)
         if decode_only:
-            inputs = self._decode_inputs(rows, starts)
+            inputs = self._decode_inputs(rows, starts, graph_sizes)
         else:
             inputs = self._mixed_inputs(rows, starts, counts, seq_lens, sampled)
         sampled_ids = order if len(sampled) == len(order) else [order[i] for i in sampled]
@@ -302,15 +319,15 @@ class InputBatch:
             index, rows = fill_args
             input_ids.index_copy_(0, index, self.last_sampled.index_select(0, rows))
 
-    def _decode_inputs(self, rows: np.ndarray, positions: np.ndarray) -> ModelInputs:
+    def _decode_inputs(self, rows: np.ndarray, positions: np.ndarray, graph_sizes: Sequence[int]) -> ModelInputs:
         """One token per request, all sampled; padded to a CUDA-graph size when one fits.
 
         Padding rows write no KV (slot -1) and attend to one position of block 0 (seq_len 1):
         harmless reads whose results are dropped.
         """
         n = len(rows)
-        index = bisect.bisect_left(self.graph_sizes, n)
-        size = self.graph_sizes[index] if index < len(self.graph_sizes) else None
+        index = bisect.bisect_left(graph_sizes, n)
+        size = graph_sizes[index] if index < len(graph_sizes) else None
         padded = size or n
         seq_lens = np.ones(padded, dtype=np.int32)
         seq_lens[:n] = positions + 1

@@ -30,6 +30,7 @@ from kiln.runtime.cuda_graphs import DecodeGraphs, graph_batch_sizes, graph_memo
 from kiln.runtime.input_batch import InputBatch, ModelInputs, SamplingBatch
 from kiln.runtime.kv_cache import KVCache, KVCacheSpec, cpu_num_blocks, explicit_num_blocks, gpu_num_blocks
 from kiln.runtime.model import LlamaFamilyModel
+from kiln.runtime.parallel import SINGLE_RANK, Collectives
 from kiln.runtime.sampler import Sampler, SamplerOutput, SamplingMetadata
 from kiln.scheduler.interface import RunnerOutput, SchedulerOutput
 from kiln.scheduler.sampling_params import SamplingParams
@@ -48,30 +49,42 @@ class ModelRunner:
     """One rank's model, KV cache and request state.
 
     Invariants: ``num_blocks``/``block_size`` describe the KV cache the scheduler allocates
-    from; the runner's token rows always hold every token the scheduler knows about for a
-    live request (it appends what it samples itself).
+    from (the same on every rank of a tensor-parallel group); the runner's token rows always
+    hold every token the scheduler knows about for a live request (it appends what it samples
+    itself). Every rank of a group runs the same plans in the same order, so their states
+    stay identical; rank 0 samples and broadcasts the ids.
     """
 
-    def __init__(self, engine_config: EngineConfig, loaded_engine: Any, rank: int = 0) -> None:
+    def __init__(self, engine_config: EngineConfig, loaded_engine: Any, group: Collectives = SINGLE_RANK,
+                 device: torch.device | None = None) -> None:
         self.config = engine_config
         mc = loaded_engine.model_config
         self.model_config = mc
-        self.device = engine_config.torch_device
+        self.group = group
+        self.device = device if device is not None else engine_config.torch_device
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # a rank's own GPU (plain "cuda" keeps the current one)
         self.dtype = engine_config.compute_dtype(mc.dtype)
-        self.max_model_len = engine_config.resolve_max_model_len(mc)
         self.block_size = engine_config.block_size
         self.vocab_size = int(mc.vocab_size)
         torch.manual_seed(engine_config.seed)
+        # The longest sequence served: the option capped by the model (the KV sizing below
+        # refuses a cache that cannot hold one such sequence). The engine and the scheduler
+        # take it from here.
+        self.max_model_len = engine_config.resolve_max_model_len(mc)
         self.kernels = select_kernels(self.device, engine_config.attention_backend)
         self.model = LlamaFamilyModel(
-            mc, loaded_engine.tensors, self.device, self.dtype, self.kernels, max_positions=self.max_model_len
+            mc, loaded_engine.tensors, self.device, self.dtype, self.kernels,
+            max_positions=self.max_model_len, group=group,
         )
         self.sampler = Sampler()
         spec = KVCacheSpec(
             num_layers=int(mc.num_hidden_layers), block_size=self.block_size,
             num_kv_heads=mc.num_kv_heads_per_rank, head_size=int(mc.head_size), dtype=self.dtype,
         )
-        self.num_blocks = self._size_kv_cache(spec)
+        # Every rank sizes its own cache; all use the smallest block count, so one block id
+        # means the same slots everywhere.
+        self.num_blocks = group.min_int(self._size_kv_cache(spec))
         self.kv_cache = KVCache(spec, self.num_blocks, self.device)
         self.input_batch = InputBatch(
             engine_config.max_batch_size, self.max_model_len, engine_config.max_num_tokens,
@@ -141,7 +154,6 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self._graph_body, self.input_batch.static_decode_inputs, self.graph_sizes,
                                    use_graphs)
         self.graphs.capture()
-        self.input_batch.graph_sizes = self.graphs.sizes
 
     def _graph_body(self, inputs: ModelInputs) -> torch.Tensor:
         return self.model.hidden_states(inputs.input_ids, inputs.positions, self.kv_cache.kv, inputs.attn)
@@ -260,10 +272,12 @@ class ModelRunner:
         for request_id in failed:
             batch.remove(request_id)
         handle = StepHandle(RunnerOutput(failed_request_ids=failed))
-        prepared = batch.prepare(scheduler_output, skip=failed, resolve_pending=self._resolve_all)
-        if prepared is None:
+        scheduled = batch.scheduled_rows(scheduler_output, skip=failed)
+        if scheduled is None:
             return handle
-        inputs, sampling, rows = prepared
+        if batch.needs_pending_history(scheduled):
+            self._resolve_all()
+        inputs, sampling, rows = batch.prepare(scheduled, self.graphs.sizes if self.graphs is not None else ())
         logits = self._forward(inputs)
         if not sampling.request_ids:
             return handle
@@ -319,6 +333,7 @@ class ModelRunner:
                 return
 
     def _resolve_all(self) -> None:
+        """Bring every launched step's sampled ids to the host rows."""
         if self._unresolved:
             self._resolve(self._unresolved[-1])
 
@@ -329,9 +344,23 @@ class ModelRunner:
         return self.model(inputs.input_ids, inputs.positions, self.kv_cache.kv, inputs.attn, inputs.logits_indices)
 
     def _sample(self, logits: torch.Tensor, sampling: SamplingBatch) -> SamplerOutput:
-        if sampling.metadata is None:  # every row plain greedy
-            return SamplerOutput(sampled_token_ids=logits.argmax(dim=-1), logprobs=None)
-        return self.sampler(logits, sampling.metadata)
+        """Rank 0 samples; with tensor parallelism the other ranks receive its ids (every
+        rank feeds the same tokens to the next step) and no logprobs."""
+        group = self.group
+        if not group.is_first_rank:
+            ids = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+            return SamplerOutput(sampled_token_ids=group.broadcast(ids), logprobs=None)
+        try:
+            if sampling.metadata is None:  # every row plain greedy
+                sampled = SamplerOutput(sampled_token_ids=logits.argmax(dim=-1), logprobs=None)
+            else:
+                sampled = self.sampler(logits, sampling.metadata)
+        except BaseException:
+            if group.world_size > 1:  # the other ranks wait for ids: never leave them hanging
+                group.broadcast(torch.zeros(logits.shape[0], dtype=torch.int64, device=logits.device))
+            raise
+        group.broadcast(sampled.sampled_token_ids)
+        return sampled
 
     def _collect(self, sampling: SamplingBatch, token_ids: np.ndarray,
                  logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, output: RunnerOutput) -> None:

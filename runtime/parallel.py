@@ -58,6 +58,8 @@ class DistributedCollectives(Collectives):
 
         self._dist = dist
         self.rank, self.world_size, self.device = rank, world_size, device
+        # torch 2.13 renamed the gather into one tensor; older releases only have the old name.
+        self._gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         self._dist.all_reduce(x)
@@ -65,10 +67,10 @@ class DistributedCollectives(Collectives):
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
-        out = x.new_empty((self.world_size, *x.shape))
-        self._dist.all_gather_into_tensor(out, x)
-        # [W, ..., N] -> [..., W, N] -> [..., W * N]: rank r's columns land at r * N.
-        return out.movedim(0, -2).reshape(*x.shape[:-1], self.world_size * x.shape[-1])
+        out = x.new_empty((self.world_size * x.shape[0], *x.shape[1:]))
+        self._gather(out, x)  # rank r's rows at [r * S, (r + 1) * S)
+        # [W, S, N] -> [S, W, N] -> [S, W * N]: rank r's columns land at r * N.
+        return out.view(self.world_size, *x.shape).movedim(0, -2).reshape(*x.shape[:-1], self.world_size * x.shape[-1])
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         self._dist.broadcast(x, src)

@@ -14,8 +14,6 @@ RunnerOutputs and no model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-
 from kiln.scheduler.sampling_params import SamplingParams
 
 
@@ -70,11 +68,8 @@ class SchedulerOutput:
     order: list[str] = field(default_factory=list)
     preempted_request_ids: set[str] = field(default_factory=set)
     finished_request_ids: set[str] = field(default_factory=set)
-    # The scheduler's own bookkeeping, ignored by the runner: which requests this step samples
-    # and which Request object each id meant (an aborted id may be reused before the step's
-    # results come back, and those results must not reach the newcomer).
-    sampled_request_ids: set[str] = field(default_factory=set)
-    request_refs: dict[str, Any] = field(default_factory=dict, repr=False)
+    # Which schedule() made this plan: update() finds its own record of the step by it.
+    step_id: int = 0
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -90,9 +85,12 @@ class RunnerOutput:
     decoding). ``logprobs[request_id]`` holds, per sampled token, (chosen token logprob,
     [(token_id, logprob), ...] top alternatives) when the request asked for logprobs.
     ``failed_request_ids`` are requests whose step raised; the scheduler finishes them with
-    an error and the rest of the batch goes on.
+    an error and the rest of the batch goes on. ``plan_not_applied`` says the runner failed
+    before folding the plan into its state: the plan's finished / preempted ids must reach it
+    again with the next plan.
     """
 
     sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, list[tuple[float, list[tuple[int, float]]]]] = field(default_factory=dict)
     failed_request_ids: set[str] = field(default_factory=set)
+    plan_not_applied: bool = False

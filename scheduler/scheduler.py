@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
+from itertools import count
 
 from kiln.scheduler.block_manager import BlockManager, PrefixHit, cdiv
 from kiln.scheduler.config import SchedulerConfig
@@ -45,6 +46,16 @@ class SchedulerStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+
+
+@dataclass(frozen=True)
+class _StepRecord:
+    """The scheduler's own memory of a scheduled step, kept until its update(): which
+    requests it samples, and which Request object each scheduled id meant (an aborted id may
+    be reused before the step's results come back, and those must not reach the newcomer)."""
+
+    sampled: set[str]
+    refs: dict[str, Request]
 
 
 class _StepPlan:
@@ -107,6 +118,8 @@ class Scheduler:
         self._running: list[Request] = []
         self._waiting = WaitingQueue()
         self._finished_ids: set[str] = set()  # reported in the next SchedulerOutput
+        self._steps: dict[int, _StepRecord] = {}  # scheduled and not yet updated
+        self._step_ids = count(1)
         self._num_reserved = 0  # sum of reservations of running requests (blocks)
         self._num_preemptions = 0
 
@@ -229,6 +242,8 @@ class Scheduler:
         self._schedule_running(plan)
         if not plan.preempted:  # memory is short: do not admit while evicting
             self._schedule_waiting(plan)
+        step_id = next(self._step_ids)
+        self._steps[step_id] = _StepRecord(plan.sampled, plan.refs)
         output = SchedulerOutput(
             new_requests=plan.new_requests,
             cached_requests=list(plan.cached.values()),
@@ -236,8 +251,7 @@ class Scheduler:
             order=list(plan.num_tokens),
             preempted_request_ids=plan.preempted,
             finished_request_ids=self._finished_ids,
-            sampled_request_ids=plan.sampled,
-            request_refs=plan.refs,
+            step_id=step_id,
         )
         self._finished_ids = set()
         return output
@@ -370,10 +384,13 @@ class Scheduler:
         dropped.
         """
         changed: list[Request] = []
+        record = self._steps.pop(scheduler_output.step_id)
+        if runner_output.plan_not_applied:  # the runner never dropped these: tell it again
+            self._finished_ids |= scheduler_output.finished_request_ids
         failed = runner_output.failed_request_ids
         sampled_by_id = runner_output.sampled_token_ids
-        expected = scheduler_output.sampled_request_ids
-        refs = scheduler_output.request_refs
+        expected = record.sampled
+        refs = record.refs
         cache_blocks = self.block_manager.cache_computed_blocks
         requests = self._requests
         any_finished = False

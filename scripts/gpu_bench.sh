@@ -13,16 +13,25 @@
 #   tp2048    bench-llm throughput 2048/128 x N2048 requests  (N2048, default 1000)
 #   tp1000mu  tp1000 with --capacity-policy max_utilization (admit while blocks last, preempt)
 #   eager     adds --enforce-eager to every bench-llm run (comparison)
+#   tpcheck   greedy tokens of the tp $TP engine vs a tp 1 engine of the same weights (scripts/check_tp_gpu.py)
+#   allreduce NCCL all-reduce cost per decode step on $TP GPUs (scripts/bench_allreduce_gpu.py)
+# TP=2 builds $ENGINE with --tp 2 (every run then uses two GPUs); tpcheck also builds $ENGINE_TP1.
+# Multi-GPU machines: keep NVLink multicast off (NCCL_NVLS_ENABLE=0 is exported here).
 # RECORD=1 appends each bench-llm result to $OUT/history.md (bench-llm --record; set
 # KILN_COMMIT when the tree has no .git), to be merged into BENCHMARKS.md's history.
 # Kiln goes on PYTHONPATH through symlinks (no pip install needed); the engine is built once
-# into $ENGINE (default /tmp/kiln-rand8b, never the repository). Logs go to $OUT (default
+# into $ENGINE (default /dev/shm/kiln-rand8b[-tpN]: RAM, much faster than /tmp there; never the repository). Logs go to $OUT (default
 # /tmp/kiln-bench-out); the last lines printed are a table of the figures.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 RUNS=${RUNS:-"latency tp128"}
-ENGINE=${ENGINE:-/tmp/kiln-rand8b}
+TP=${TP:-1}
+PRESET=${PRESET:-llama-3.1-8b}
+ENGINE=${ENGINE:-/dev/shm/kiln-rand8b$([ "$TP" = 1 ] || echo "-tp$TP")}
+ENGINE_TP1=${ENGINE_TP1:-/dev/shm/kiln-rand8b}
+export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0} TORCH_SYMM_MEM_DISABLE_MULTICAST=${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1} \
+    NVSHMEM_DISABLE_NVLS=${NVSHMEM_DISABLE_NVLS:-1}
 OUT=${OUT:-/tmp/kiln-bench-out}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT" /tmp/kp/kiln
@@ -33,18 +42,20 @@ EXTRA=()
 [ "${RECORD:-0}" = 1 ] && EXTRA+=(--record "$OUT/history.md")
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 
-if [ ! -f "$ENGINE/kiln.json" ]; then
-    start=$(date +%s)
-    python -m kiln.engine_builder.cli --random-weights llama-3.1-8b --dtype bfloat16 --output "$ENGINE" --force -q \
-        > "$OUT/build.log" 2>&1 || { tail -20 "$OUT/build.log"; exit 1; }
-    echo "engine built in $(( $(date +%s) - start )) s"
-fi
+build() {  # build DIR TP
+    [ -f "$1/kiln.json" ] && return 0
+    local start; start=$(date +%s)
+    python3 -m kiln.engine_builder.cli --random-weights "$PRESET" --dtype bfloat16 --tp "$2" --output "$1" --force -q \
+        ${BUILD_FLAGS:-} > "$OUT/build-tp$2.log" 2>&1 || { tail -20 "$OUT/build-tp$2.log"; exit 1; }
+    echo "engine $1 (tp $2) built in $(( $(date +%s) - start )) s"
+}
+build "$ENGINE" "$TP"
 
 SUMMARY=()
 bench() {  # bench NAME MODE ARGS...
     local name=$1; shift
     local start; start=$(date +%s)
-    python -m kiln.runtime.bench "$@" "$ENGINE" "${EXTRA[@]}" > "$OUT/$name.log" 2>&1
+    python3 -m kiln.runtime.bench "$@" "$ENGINE" "${EXTRA[@]}" > "$OUT/$name.log" 2>&1
     local rc=$?
     local line; line=$(grep -E "^(throughput|latency) on" "$OUT/$name.log" | tail -1)
     [ $rc -ne 0 ] && { tail -30 "$OUT/$name.log"; line="FAILED rc=$rc"; }
@@ -55,7 +66,7 @@ bench() {  # bench NAME MODE ARGS...
 for run in $RUNS; do
     case $run in
         tests)
-            python -m pytest -q -p no:cacheprovider tests/runtime/test_cuda_graphs.py tests/runtime/test_runner_gpu.py \
+            python3 -m pytest -q -p no:cacheprovider tests/runtime/test_cuda_graphs.py tests/runtime/test_runner_gpu.py \
                 tests/runtime/test_engine_gpu.py tests/kernels/test_gemv.py \
                 > "$OUT/tests.log" 2>&1; echo "tests rc=$?: $(tail -1 "$OUT/tests.log")" ;;
         profile)  # one process per configuration: each loads the 16 GB engine
@@ -63,7 +74,7 @@ for run in $RUNS; do
                 args=(--batch "${prof%%[et]*}" --steps 40)
                 [[ $prof == *e* ]] && args+=(--eager)
                 [[ $prof == *t* ]] && args+=(--trace)
-                python scripts/profile_decode.py "$ENGINE" "${args[@]}" >> "$OUT/profile.log" 2>&1
+                python3 scripts/profile_decode.py "$ENGINE" "${args[@]}" >> "$OUT/profile.log" 2>&1
             done
             grep -v Warning "$OUT/profile.log" ;;
         latency) bench latency latency --isl 128 --osl 128 --iterations 3 ;;
@@ -73,6 +84,13 @@ for run in $RUNS; do
         tp1000mu) bench tp1000mu throughput --isl 1000 --osl 1000 --num-requests "${N1000:-1000}" \
                       --capacity-policy max_utilization ;;
         eager) ;;
+        tpcheck)
+            build "$ENGINE_TP1" 1
+            timeout 600 python3 scripts/check_tp_gpu.py "$ENGINE_TP1" "$ENGINE" > "$OUT/tpcheck.log" 2>&1
+            echo "tpcheck rc=$?"; grep -v Warning "$OUT/tpcheck.log" | tail -5 ;;
+        allreduce)
+            timeout 300 python3 scripts/bench_allreduce_gpu.py --world "$TP" > "$OUT/allreduce.log" 2>&1
+            echo "allreduce rc=$?"; grep "^|" "$OUT/allreduce.log" ;;
         *) echo "unknown run $run"; exit 2 ;;
     esac
 done

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
+from kiln.runtime.executor import FatalEngineError
 from kiln.runtime.outputs import merge_request_outputs
 from kiln.scheduler.sampling_params import SamplingParams
 
@@ -284,6 +285,8 @@ class AsyncEngine:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
+        except FatalEngineError:  # the engine cannot go on (a tensor-parallel rank died): the loop dies
+            raise
         except Exception:  # a bug in a step: fail the requests in flight, keep serving
             logger.exception("Engine step failed; failing %d in-flight requests", len(self._routes))
             self._fail_all(EngineStepError("The engine failed while generating this response."))

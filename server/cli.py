@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--enforce-eager", action=_YesNo, value=True, help="no CUDA graphs / compilation")
     e.add_argument("--attention-backend", choices=["auto", "triton", "torch"], help="default auto")
     e.add_argument("--seed", type=int, help="engine seed for unseeded sampling (default 0)")
+    e.add_argument("--devices", metavar="0,1",
+                   help="GPU of each tensor-parallel rank (default 0..tp-1, within CUDA_VISIBLE_DEVICES); "
+                        "the engine's tp comes from the engine directory")
     return p
 
 
@@ -108,9 +111,9 @@ def _load_engine(config: ServerConfig) -> Any:
 
     engine = LLMEngine(config.engine)
     runner = getattr(engine, "runner", None)
-    logger.info("Engine loaded from %s: %s, max_model_len %d, %s KV blocks of %s tokens",
-                config.engine.engine_dir, engine.model_config.architecture, engine.max_model_len,
-                getattr(runner, "num_blocks", "?"), getattr(runner, "block_size", "?"))
+    logger.info("Engine loaded from %s: %s, tp %d, max_model_len %d, %s KV blocks of %s tokens",
+                config.engine.engine_dir, engine.model_config.architecture, engine.model_config.tp_size,
+                engine.max_model_len, getattr(runner, "num_blocks", "?"), getattr(runner, "block_size", "?"))
     return engine
 
 

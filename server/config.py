@@ -20,7 +20,7 @@ API_KEY_ENV = "KILN_API_KEY"
 ENGINE_OPTIONS = (
     "device", "max_num_tokens", "max_batch_size", "block_size", "kv_cache_fraction",
     "num_kv_cache_tokens", "capacity_policy", "enable_prefix_caching", "max_model_len",
-    "enforce_eager", "attention_backend", "seed",
+    "enforce_eager", "attention_backend", "seed", "devices",
 )
 
 
@@ -89,6 +89,15 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _device_list(value: Any) -> tuple[int, ...]:
+    """GPU indices from "0,1" (flag) or [0, 1] (YAML)."""
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        return tuple(int(str(item).strip()) for item in items)
+    except (TypeError, ValueError):
+        raise ServerConfigError(f"devices must be GPU indices like 0,1, got {value!r}") from None
+
+
 def build_config(cli: Mapping[str, Any], yaml_values: Mapping[str, Any] | None = None,
                  environ: Mapping[str, str] | None = None) -> ServerConfig:
     """Merge the sources (CLI values of None mean "not given") into a ServerConfig."""
@@ -101,6 +110,8 @@ def build_config(cli: Mapping[str, Any], yaml_values: Mapping[str, Any] | None =
     if not engine_dir:
         raise ServerConfigError("no engine directory given (ENGINE_DIR argument or engine_dir in --config)")
     engine_options = {k: merged.pop(k) for k in ENGINE_OPTIONS if k in merged}
+    if "devices" in engine_options:
+        engine_options["devices"] = _device_list(engine_options["devices"])
     server_options = {k: v for k, v in merged.items() if k in _SERVER_KEYS}
     try:
         engine = EngineConfig(engine_dir=str(engine_dir), **engine_options)

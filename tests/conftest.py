@@ -2,7 +2,8 @@
 
 ``smollm2_hf_dir``: the SmolLM2-135M-Instruct HF checkpoint (converted once from the bundled
 GGUF into Kiln's cache). ``smollm2_engine_dir``: that model built once per session into a
-temporary folder, tp 1, float32 (for CPU correctness tests against transformers).
+temporary folder, tp 1, float32 (for CPU correctness tests against transformers);
+``smollm2_tp3_dir``: the same at tp 3 (9 heads and 3 KV heads over 3 ranks).
 Heavy imports happen inside the fixtures so collecting tests stays fast.
 """
 
@@ -30,4 +31,13 @@ def smollm2_engine_dir(smollm2_hf_dir: Path, tmp_path_factory: pytest.TempPathFa
 
     out = tmp_path_factory.mktemp("smollm2") / "engine"
     build_engine(smollm2_hf_dir, out, tp=1, dtype="float32", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_tp3_dir(smollm2_hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from kiln.engine_builder import build_engine
+
+    out = tmp_path_factory.mktemp("smollm2-tp3") / "engine"
+    build_engine(smollm2_hf_dir, out, tp=3, dtype="float32", progress=False)
     return out
