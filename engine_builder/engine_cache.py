@@ -105,10 +105,9 @@ def prepare_engine(source: str | os.PathLike[str], options: Mapping[str, Any] | 
 
     try:
         # force: a leftover that is not an engine (no manifest) is replaced once the build is done
-        summary = build_engine(hf_dir, target, force=target.exists(), progress=progress, **options)
+        build_engine(hf_dir, target, force=target.exists(), progress=progress, **options)
     except OutputError:
         if not is_engine_dir(target):  # not "someone else finished the same build first"
             raise
         return PreparedEngine(target, name, built=False)
-    logger.info("%s", summary.format())
     return PreparedEngine(target, name, built=True)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install Kiln and what it needs into the current Python (use a venv if you like).
-# torch is pinned first: a bare `torch` requirement would pull a multi-GB CUDA build.
+# torch is pinned to the version Kiln is tested with; which build arrives (CUDA from PyPI,
+# ~2.7 GB, or an already installed CPU build) depends on the index: README "What pip install
+# torch==2.13.0 installs".
 # Nothing is reinstalled when nothing changed: a stamp (in .setup_env/, git-ignored) records a
 # hash of pyproject.toml and this script for each Python; FORCE_SETUP=1 reinstalls anyway.
 set -euo pipefail
