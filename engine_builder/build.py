@@ -30,6 +30,7 @@ from kiln.engine_builder.format import (
     CONFIG_FILE, DTYPES, MANIFEST_FILE, ModelConfig, OutputTensor, Piece, make_manifest, plan_rank, rank_file,
     source_tensors,
 )
+from kiln.engine_builder.options import DtypeError, canonical_dtype
 from kiln.engine_builder.random_weights import RandomSource, load_preset
 from kiln.engine_builder.source import TOKENIZER_FILES, HFCheckpoint, TensorSource, resolve_source
 from kiln.engine_builder.writer import StreamingSafetensorsWriter, TensorSpec, file_size
@@ -86,8 +87,11 @@ def build_engine(
 ) -> BuildSummary:
     """Convert ``source`` (HF directory or alias) or a random-weight preset into an engine dir."""
     start = time.time()
-    if dtype is not None and dtype not in DTYPES:
-        raise BuildOptionError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    if dtype is not None:
+        try:
+            dtype = canonical_dtype(dtype)  # also accepts fp16, bf16, fp32, half, float
+        except DtypeError as e:
+            raise BuildOptionError(str(e)) from None
     if not isinstance(tp, int) or tp < 1:
         raise BuildOptionError(f"tp must be a positive integer (got {tp!r})")
     src, src_dir = _open_source(source, random_weights, seed, dtype)

@@ -7,11 +7,13 @@ import logging
 import signal
 import sys
 
+from kiln.engine_builder.options import SUPPORTED_ARCHITECTURES_HELP, add_build_options, available_presets, build_kwargs
+
 EPILOG = """\
 examples:
   build-llm smollm2-135m --output engines/smollm2
       the embedded default model (SmolLM2-135M-Instruct; float32, as dequantized from its GGUF)
-  build-llm /models/Llama-3.1-8B-Instruct --output engines/llama8b-tp2 --tp 2 --dtype bfloat16
+  build-llm /models/Llama-3.1-8B-Instruct --output engines/llama8b-tp2 --tp 2 --dtype bf16
       a Hugging Face model directory, split over 2 GPUs
   build-llm --random-weights llama-3.1-8b --output engines/rand8b --force
       random weights shaped like Llama-3.1-8B (for benchmarks; no tokenizer)
@@ -22,14 +24,12 @@ tokenizer files, generation_config.json and a manifest, kiln.json.
 """
 
 
-def make_parser() -> argparse.ArgumentParser:
-    from kiln.engine_builder.architectures import supported_architectures
-    from kiln.engine_builder.random_weights import available_presets
-
+def make_parser() -> tuple[argparse.ArgumentParser, tuple[str, ...]]:
+    """The parser and the ``dest`` names of its build options (shared with serve-llm)."""
     parser = argparse.ArgumentParser(
         prog="build-llm",
         description="Convert a Hugging Face checkpoint into a Kiln engine directory (tensor-parallel shards + manifest).",
-        epilog=EPILOG.format(architectures=", ".join(supported_architectures())),
+        epilog=EPILOG.format(architectures=SUPPORTED_ARCHITECTURES_HELP),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -42,14 +42,9 @@ def make_parser() -> argparse.ArgumentParser:
         help=f"build random weights shaped like PRESET instead of reading SOURCE (presets: {', '.join(available_presets())})",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of --random-weights (default 0)")
-    parser.add_argument("--tp", type=int, default=1, metavar="N", help="tensor-parallel size: number of rank files (default 1)")
-    parser.add_argument(
-        "--dtype", metavar="DTYPE",
-        help="bfloat16, float16 or float32 (default: the source's torch_dtype, else bfloat16)",
-    )
     parser.add_argument("--force", action="store_true", help="replace DIR if it exists (only once the new build is complete)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
-    return parser
+    return parser, add_build_options(parser)
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
@@ -57,7 +52,8 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    parser, build_dests = make_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, _on_sigterm)
     from kiln.engine_builder.build import build_engine
@@ -65,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = build_engine(
-            args.source, args.output, tp=args.tp, dtype=args.dtype, force=args.force,
-            progress=not args.quiet, random_weights=args.random_weights, seed=args.seed,
+            args.source, args.output, force=args.force, progress=not args.quiet,
+            random_weights=args.random_weights, seed=args.seed, **build_kwargs(args, build_dests),
         )
     except EngineBuilderError as exc:
         print(f"build-llm: error: {exc}", file=sys.stderr)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,19 +22,11 @@ import torch
 from kiln.engine_builder.architectures import get_architecture
 from kiln.engine_builder.errors import BuildOptionError
 from kiln.engine_builder.format import SourceTensor, source_tensors
+from kiln.engine_builder.options import available_presets, presets_dir
 
 POOL_SIZE = 1 << 24
 BLOCK_ELEMENTS = 1 << 22
 WEIGHT_STD = 0.02
-
-
-def presets_dir() -> Path:
-    """configs/presets of the source tree (engine_builder/ sits next to configs/)."""
-    return Path(__file__).resolve().parent.parent / "configs" / "presets"
-
-
-def available_presets() -> list[str]:
-    return sorted(p.stem for p in presets_dir().glob("*.json"))
 
 
 def load_preset(name: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -131,6 +132,11 @@ def resolve_source(source: str | os.PathLike[str]) -> Path:
     if str(source) == DEFAULT_ALIAS:
         return ensure_default_model()
     path = Path(source).expanduser()
+    if not path.exists() and looks_like_hub_id(str(source)):
+        raise SourceError(
+            f"{source!r} looks like a Hugging Face hub id, and Kiln does not download from the hub: download it "
+            f"first (e.g. `hf download {source} --local-dir DIR`) and pass the local directory DIR"
+        )
     if not path.exists():
         raise SourceError(f"source {str(source)!r} does not exist (give a Hugging Face model directory or {DEFAULT_ALIAS!r})")
     if not path.is_dir():
@@ -138,6 +144,14 @@ def resolve_source(source: str | os.PathLike[str]) -> Path:
     if not (path / "config.json").is_file():
         raise SourceError(f"{path}: no config.json (not a Hugging Face model directory)")
     return path
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def looks_like_hub_id(source: str) -> bool:
+    """``org/name`` with exactly one slash, as the Hugging Face hub names models."""
+    return _HUB_ID.fullmatch(source) is not None
 
 
 def gguf_path() -> Path:

@@ -22,7 +22,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ class BenchResult:
     figures: dict[str, float]
     device: str
     engine: str
+    settings: dict[str, object] = field(default_factory=dict)  # what it ran with (see run_settings)
 
     def summary(self) -> str:
         return ", ".join(f"{k} {_fmt(v)}" for k, v in self.figures.items())
@@ -79,6 +80,23 @@ def _make_engine(args: argparse.Namespace):
     return LLMEngine.from_engine_dir(args.engine, **options)
 
 
+_WORKLOAD_ARGS = ("isl", "osl", "num_requests", "iterations", "warmup", "seed")
+_ENGINE_FIELDS = ("max_batch_size", "max_num_tokens", "capacity_policy", "enable_prefix_caching", "enforce_eager",
+                  "attention_backend", "kv_cache_fraction")
+
+
+def run_settings(args: argparse.Namespace, engine) -> dict[str, object]:
+    """The workload and the engine settings in effect (defaults resolved), to print with figures."""
+    settings: dict[str, object] = {k: getattr(args, k) for k in _WORKLOAD_ARGS if hasattr(args, k)}
+    settings["device"] = str(engine.config.torch_device)
+    settings["dtype"] = str(engine.config.compute_dtype(engine.model_config.dtype)).removeprefix("torch.")
+    settings.update({k: getattr(engine.config, k) for k in _ENGINE_FIELDS})
+    runner = getattr(engine, "runner", None)
+    if runner is not None:
+        settings["kv_cache_tokens"] = runner.num_blocks * runner.block_size
+    return settings
+
+
 def _peak_gpu_gib() -> float:
     import torch
 
@@ -106,7 +124,7 @@ def run_throughput(args: argparse.Namespace) -> BenchResult:
         "steps": steps,
         "peak_gpu_gib": _peak_gpu_gib(),
     }
-    return BenchResult("throughput", figures, _device_name(), args.engine)
+    return BenchResult("throughput", figures, _device_name(), args.engine, run_settings(args, engine))
 
 
 def _drain(engine, prompts: list[list[int]], params, prefix: str) -> tuple[int, int]:
@@ -150,7 +168,7 @@ def run_latency(args: argparse.Namespace) -> BenchResult:
         "decode_tok_s_p50": decode_rates[len(decode_rates) // 2],
         "decode_tok_s_best": decode_rates[-1],
     }
-    return BenchResult("latency", figures, _device_name(), args.engine)
+    return BenchResult("latency", figures, _device_name(), args.engine, run_settings(args, engine))
 
 
 def _commit() -> str:
@@ -238,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.json:
         print(json.dumps(asdict(result)))
+    print("settings: " + ", ".join(f"{k}={v}" for k, v in result.settings.items()))
     print(f"{result.mode} on {result.device}: {result.summary()}")
     if args.record:
         record(result, "bench-llm " + " ".join(shlex.quote(a) for a in argv), Path(args.record))

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
+# torch is imported inside the methods that need it: the server's command line builds this
+# config, and `serve-llm --help` must not pay for importing torch.
 _DEVICES = ("auto", "cpu", "cuda")
 _ATTENTION_BACKENDS = ("auto", "triton", "torch")
 _CAPACITY_POLICIES = ("guaranteed_no_evict", "max_utilization")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = ("float32", "float16", "bfloat16")
 
 
 class EngineConfigError(ValueError):
@@ -77,6 +80,8 @@ class EngineConfig:
     @property
     def torch_device(self) -> torch.device:
         """The device to run on; "auto" is CUDA when available, else the CPU."""
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -91,9 +96,11 @@ class EngineConfig:
         """
         if engine_dtype not in _DTYPES:
             raise EngineConfigError(f"unsupported engine dtype {engine_dtype!r}; expected one of {sorted(_DTYPES)}")
+        import torch
+
         if self.torch_device.type == "cpu":
             return torch.float32
-        return _DTYPES[engine_dtype]
+        return getattr(torch, engine_dtype)
 
     def resolve_max_model_len(self, model_config: Any) -> int:
         """The longest sequence (prompt + output) served: the option, capped by the model."""

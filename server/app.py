@@ -18,7 +18,9 @@ from kiln.server.async_engine import AsyncEngine
 from kiln.server.config import ServerConfig
 from kiln.server.errors import APIError, bad_request, install_error_handlers
 from kiln.server.metrics import ServerMetrics
+from kiln.server.playground import add_playground
 from kiln.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from kiln.server.sampling_defaults import sampling_defaults
 from kiln.server.serving import ServingContext
 from kiln.server.serving_chat import ChatServing
 from kiln.server.serving_completion import CompletionServing
@@ -92,7 +94,8 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
     metrics = ServerMetrics(lambda: async_engine.stats, model_name)
     async_engine.metrics = metrics
     ctx = ServingContext(async_engine, engine.tokenizer, engine.max_model_len, model_name,
-                         engine.model_config.vocab_size)
+                         engine.model_config.vocab_size,
+                         sampling_defaults=sampling_defaults(config.engine.engine_dir))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -108,6 +111,8 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
     app.state.ctx, app.state.in_flight, app.state.metrics = ctx, in_flight, metrics
     install_error_handlers(app)
     _add_routes(app, ctx, metrics, _auth_dependency(config.api_key))
+    if config.playground:
+        add_playground(app, ctx.sampling_defaults)
     app.add_middleware(AccessLog, in_flight=in_flight)
     return app
 

@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"config": {k: v for k, v in vars(args).items() if k != "api_key"}, "figures": figures,
                           "errors": errors[:5]}))
     else:
+        print("settings: " + ", ".join(f"{k}={v}" for k, v in vars(args).items() if k not in ("api_key", "json")))
         for k, v in figures.items():
             print(f"{k:40s} {v:,.3f}" if isinstance(v, float) else f"{k:40s} {v}")
         for e in errors[:5]:

@@ -1,6 +1,7 @@
 """`serve-llm`: serve an engine directory over an OpenAI-compatible HTTP API.
 
     serve-llm engines/smollm2-135m --port 8000 --api-key sk-local
+    serve-llm smollm2-135m              # or a Hugging Face model directory: built once, cached
 
 SIGTERM / Ctrl-C drains: new requests get 503, requests in flight finish (at most
 --shutdown-timeout seconds), then the process exits 0. A second signal exits at once.
@@ -12,11 +13,14 @@ import argparse
 import asyncio
 import logging
 import signal
+import socket
 import sys
 from types import FrameType
 from typing import Any
 
+from kiln.engine_builder.options import add_build_options, build_kwargs
 from kiln.server.config import API_KEY_ENV, ServerConfig, ServerConfigError, build_config, load_yaml
+from kiln.server.launch import bind_socket, exit_on_sigterm, resolve_engine
 
 logger = logging.getLogger("kiln.server")
 
@@ -33,6 +37,11 @@ class _YesNo(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    return _make_parser()[0]
+
+
+def _make_parser() -> tuple[argparse.ArgumentParser, tuple[str, ...]]:
+    """The parser and the ``dest`` names of build-llm's build options, which it shares."""
     p = argparse.ArgumentParser(
         prog="serve-llm",
         description="Serve a Kiln engine directory over an OpenAI-compatible API "
@@ -40,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"Precedence: flags > --config YAML > environment ({API_KEY_ENV}) > defaults. "
                "See configs/serve.example.yaml.",
     )
-    p.add_argument("engine_dir", nargs="?", default=None, metavar="ENGINE_DIR",
-                   help="engine directory made by build-llm (or engine_dir in --config)")
+    p.add_argument("engine_dir", nargs="?", default=None, metavar="SOURCE",
+                   help="an engine directory made by build-llm; or a Hugging Face model directory or "
+                        "'smollm2-135m', built once into the engine cache (or engine_dir in --config)")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of options (keys as the flags, with underscores)")
     s = p.add_argument_group("server")
     s.add_argument("--host", help="address to bind (default 127.0.0.1)")
@@ -55,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to let in-flight requests finish after SIGTERM (default 30)")
     s.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"],
                    help="default info")
+    s.add_argument("--no-playground", dest="playground", action=_YesNo, value=False,
+                   help="do not serve the browser playground at / (it is a static page over the API)")
     e = p.add_argument_group("engine (scheduler and KV cache)")
     e.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
     e.add_argument("--max-num-tokens", type=int, help="token budget per step (default 8192)")
@@ -73,11 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--devices", metavar="0,1",
                    help="GPU of each tensor-parallel rank (default 0..tp-1, within CUDA_VISIBLE_DEVICES); "
                         "the engine's tp comes from the engine directory")
-    return p
+    return p, add_build_options(p, "build options (when SOURCE is a model to build; as build-llm's)")
 
 
 def parse_config(argv: list[str] | None) -> ServerConfig:
-    args = vars(build_parser().parse_args(argv))
+    parser, build_dests = _make_parser()
+    namespace = parser.parse_args(argv)
+    args = {k: v for k, v in vars(namespace).items() if k not in build_dests}
+    args["build_options"] = build_kwargs(namespace, build_dests) or None
     yaml_values = load_yaml(args.pop("config")) if args.get("config") else {}
     return build_config(args, yaml_values)
 
@@ -90,8 +105,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, exit_on_sigterm)  # until uvicorn takes over: a build cleans up
     try:
+        sock = bind_socket(config.host, config.port)  # a taken port fails now, not after the load
+        config = resolve_engine(config)  # builds SOURCE into the engine cache when it is a model
         engine = _load_engine(config)
+    except KeyboardInterrupt:
+        print("serve-llm: interrupted before serving", file=sys.stderr)
+        return 130
     except (ValueError, OSError) as e:  # EngineConfigError, EngineFormatError paths, missing files
         print(f"serve-llm: error: {e}", file=sys.stderr)
         return 1
@@ -103,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     from kiln.server.app import create_app
 
     app = create_app(engine, config)
-    return serve(app, config)
+    return serve(app, config, sock)
 
 
 def _load_engine(config: ServerConfig) -> Any:
@@ -120,7 +141,8 @@ def _load_engine(config: ServerConfig) -> Any:
 _GIL_SWITCH_INTERVAL_S = 0.001
 
 
-def serve(app: Any, config: ServerConfig) -> int:
+def serve(app: Any, config: ServerConfig, sock: socket.socket | None = None) -> int:
+    """Run ``app`` until drained; on ``sock`` (see launch.bind_socket) when given."""
     import uvicorn
 
     # The engine thread and the event loop share the GIL; at the default 5 ms switch interval
@@ -133,9 +155,11 @@ def serve(app: Any, config: ServerConfig) -> int:
                                access_log=False, timeout_graceful_shutdown=5, log_level=config.log_level,
                                timeout_keep_alive=30)
     server = DrainingServer(uv_config, app, config.shutdown_timeout)
-    logger.info("Serving model %r on http://%s:%d (auth %s)", config.model_name, config.host, config.port,
-                "on" if config.api_key else "off")
-    asyncio.run(server.serve())
+    port = sock.getsockname()[1] if sock is not None else config.port
+    logger.info("Serving model %r on http://%s:%d (auth %s%s)", config.model_name, config.host, port,
+                "on" if config.api_key else "off", f"; playground http://{config.host}:{port}/"
+                if config.playground else "")
+    asyncio.run(server.serve(sockets=[sock] if sock is not None else None))
     return 0
 
 

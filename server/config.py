@@ -44,6 +44,10 @@ class ServerConfig:
     max_queue: int | None = None
     shutdown_timeout: float = 30.0
     log_level: str = "info"
+    playground: bool = True  # GET / serves the browser playground (server/static/)
+    # build_engine keyword arguments (--tp, --dtype, ...) for when engine_dir names a model to
+    # build into the engine cache rather than an engine (engine_builder/engine_cache.py).
+    build_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -108,7 +112,7 @@ def build_config(cli: Mapping[str, Any], yaml_values: Mapping[str, Any] | None =
         merged["api_key"] = env[API_KEY_ENV]
     engine_dir = merged.pop("engine_dir", None)
     if not engine_dir:
-        raise ServerConfigError("no engine directory given (ENGINE_DIR argument or engine_dir in --config)")
+        raise ServerConfigError("no engine or model given (SOURCE argument or engine_dir in --config)")
     engine_options = {k: merged.pop(k) for k in ENGINE_OPTIONS if k in merged}
     if "devices" in engine_options:
         engine_options["devices"] = _device_list(engine_options["devices"])

@@ -8,7 +8,7 @@ decides.
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, Mapping, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -78,16 +78,25 @@ class _SamplingFields(_Body):
     def include_usage_chunk(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
-    def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_value(self, name: str, defaults: Mapping[str, Any] | None) -> Any:
+        """Field ``name`` as sent, else the server's default for it (generation_config.json),
+        else the field's own default."""
+        if name in self.model_fields_set or not defaults or name not in defaults:
+            return getattr(self, name)
+        return defaults[name]
+
+    def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                         defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+        value = lambda name: self.sampling_value(name, defaults)  # noqa: E731
         return SamplingParams(
             n=self.n,
             max_tokens=max_tokens,
             min_tokens=self.min_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty,
+            temperature=value("temperature"),
+            top_p=value("top_p"),
+            top_k=value("top_k"),
+            min_p=value("min_p"),
+            repetition_penalty=value("repetition_penalty"),
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             seed=self.seed,
@@ -135,10 +144,10 @@ class ChatCompletionRequest(_SamplingFields):
             return self.max_completion_tokens, "max_completion_tokens"
         return self.max_tokens, "max_tokens"
 
-    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
+    def to_sampling_params(self, max_tokens: int, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         try:
-            return self._sampling_params(max_tokens, logprobs)
+            return self._sampling_params(max_tokens, logprobs, defaults)
         except SamplingParamsError as e:
             param = {"logprobs": "top_logprobs", "max_tokens": self.requested_max_tokens[1]}.get(e.param, e.param)
             raise bad_request(str(e), param) from None
@@ -189,9 +198,9 @@ class CompletionRequest(_SamplingFields):
             return [list(p)]  # one prompt of token ids
         return list(p)
 
-    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
+    def to_sampling_params(self, max_tokens: int, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
         try:
-            return self._sampling_params(max_tokens, self.logprobs)
+            return self._sampling_params(max_tokens, self.logprobs, defaults)
         except SamplingParamsError as e:
             raise bad_request(str(e), e.param) from None
 

@@ -42,6 +42,8 @@ class ServingContext:
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="kiln-tokenize")
     )
     strings: TokenStrings | None = None
+    # Request defaults from generation_config.json (server/sampling_defaults.py).
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.strings is None:
@@ -93,8 +95,8 @@ class OpenAIServing:
             raise bad_request(
                 f"This model's maximum context length is {limit} tokens, but the prompt has "
                 f"{num_prompt} tokens, leaving no room to generate.", prompt_param)
-        if requested is None:
-            return limit - num_prompt
+        if requested is None:  # the rest of the context, capped by generation_config's max_new_tokens
+            return min(limit - num_prompt, self.ctx.sampling_defaults.get("max_tokens", limit))
         if requested >= 1 and num_prompt + requested > limit:
             raise bad_request(
                 f"This model's maximum context length is {limit} tokens; the prompt has {num_prompt} "

@@ -40,7 +40,7 @@ class ChatServing(OpenAIServing):
         )
         requested, param = req.requested_max_tokens
         max_tokens = self.max_tokens_for(len(prompt_ids), requested, param, "messages")
-        params = req.to_sampling_params(max_tokens)
+        params = req.to_sampling_params(max_tokens, self.ctx.sampling_defaults)
         request_id = new_id("chatcmpl")
         stream = await self.submit([EngineRequest(request_id, prompt_ids, params, arrival)], "messages")
         model = self.ctx.served_model_name

@@ -45,7 +45,8 @@ class CompletionServing(OpenAIServing):
         for i, ids in enumerate(prompt_ids):
             max_tokens = self.max_tokens_for(len(ids), req.max_tokens, "max_tokens", "prompt")
             rid = request_id if len(prompt_ids) == 1 else f"{request_id}-{i}"
-            requests.append(EngineRequest(rid, ids, req.to_sampling_params(max_tokens), arrival))
+            params = req.to_sampling_params(max_tokens, self.ctx.sampling_defaults)
+            requests.append(EngineRequest(rid, ids, params, arrival))
         prompt_index = {r.request_id: i for i, r in enumerate(requests)}
         stream = await self.submit(requests, "prompt")
         model = self.ctx.served_model_name

@@ -143,3 +143,14 @@ def test_too_little_disk_space_is_refused(monkeypatch, capsys, src, tmp_path):
     rc, _, err = _run(capsys, src, "--output", tmp_path / "out")
     _assert_one_line_error(rc, err, "not enough disk space")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_dtype_aliases(capsys, src, tmp_path):
+    from kiln.engine_builder.options import canonical_dtype
+
+    aliases = {"bf16": "bfloat16", "FP16": "float16", "half": "float16", "fp32": "float32", "float": "float32",
+               "bfloat16": "bfloat16"}
+    assert {a: canonical_dtype(a) for a in aliases} == aliases
+    rc, _, err = _run(capsys, src, "--output", tmp_path / "out", "--dtype", "bf16", "-q")
+    assert rc == 0, err
+    assert load_engine(tmp_path / "out").model_config.dtype == "bfloat16"

@@ -23,9 +23,15 @@ def test_throughput_counts_every_output_token(tiny_engine: Path, capsys: pytest.
     args = ["throughput", str(tiny_engine), "--isl", "8", "--osl", "5", "--num-requests", "6", "--device", "cpu",
             "--max-batch-size", "4", "--json"]
     assert bench.main(args) == 0
-    result = json.loads(capsys.readouterr().out.splitlines()[0])
+    out = capsys.readouterr().out.splitlines()
+    result = json.loads(out[0])
     figures = result["figures"]
     assert result["mode"] == "throughput"
+    # The settings it ran with, defaults resolved, are printed before the figures.
+    settings = result["settings"]
+    assert (settings["device"], settings["max_batch_size"], settings["num_requests"]) == ("cpu", 4, 6)
+    assert settings["max_num_tokens"] == 8192 and settings["kv_cache_tokens"] > 0
+    assert out[1].startswith("settings: isl=8, osl=5, num_requests=6") and "max_batch_size=4" in out[1]
     # 6 requests x 5 tokens (EOS ignored) in total_s seconds.
     assert figures["output_tok_s"] * figures["total_s"] == pytest.approx(30, rel=1e-6)
     assert figures["requests_s"] * figures["total_s"] == pytest.approx(6, rel=1e-6)

@@ -34,7 +34,7 @@ def test_api_key_precedence_flag_yaml_env():
 
 
 @pytest.mark.parametrize("cli, yaml_values, needle", [
-    ({}, {}, "engine directory"),
+    ({}, {}, "no engine or model given"),
     ({"engine_dir": "e", "port": 70000}, {}, "port"),
     ({"engine_dir": "e", "max_queue": 0}, {}, "max_queue"),
     ({"engine_dir": "e", "block_size": 0}, {}, "block_size"),

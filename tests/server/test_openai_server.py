@@ -7,7 +7,12 @@ the same engine directory with the same settings, in this test process.
 from __future__ import annotations
 
 import asyncio
+import json
+import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -201,3 +206,28 @@ def test_disconnect_aborts_and_frees_the_request(server):
     assert metric(text, "kiln:request_success_total", finished_reason="abort") == aborts_before + 1
     assert metric(text, "kiln:kv_cache_usage_perc") == 0.0
     assert metric(text, "kiln:time_to_first_token_seconds_count") > 0
+
+
+def _quickstart_examples(base_url: str) -> tuple[dict, str]:
+    """The curl body and the Python program scripts/quickstart.sh prints, for this server."""
+    script = (Path(__file__).resolve().parents[2] / "scripts/quickstart.sh").read_text()
+    block = script.split("cat <<EXAMPLES\n", 1)[1].split("\nEXAMPLES\n", 1)[0]
+    host, port = base_url.removeprefix("http://").split(":")
+    for var, value in (("${API_KEY:-unused}", KEY), ("$AUTH_HEADER", ""), ("$HOST", host), ("$PORT", port),
+                       ("$MODEL", MODEL), ("\\\\", "\\")):
+        block = block.replace(var, value)
+    body = json.loads(re.search(r"-d '(\{.*\})'", block).group(1))
+    program = block.split("python - <<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+    return body, program
+
+
+def test_the_quickstart_examples_answer_sensibly(server):
+    """The printed examples run greedy (SmolLM2 sets no sampling defaults): same answer every time."""
+    body, program = _quickstart_examples(server)
+    answers = {httpx.post(server + "/v1/chat/completions", json=body, headers=_auth(), timeout=120)
+               .json()["choices"][0]["message"]["content"] for _ in range(2)}
+    (answer,) = answers
+    assert "Paris" in answer
+    run = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "kiln" in run.stdout.lower() and len(run.stdout.split()) >= 10

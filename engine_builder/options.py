@@ -1,0 +1,71 @@
+"""The build options, defined once: `build-llm` shows them, and `serve-llm SOURCE` shows the
+same flags and passes them through when it builds SOURCE into the engine cache.
+
+Adding a flag that changes what an engine holds (a dtype, a split, a quantization) means
+adding it in ``add_build_options`` and a keyword of the same name to ``build_engine``:
+both commands then accept it, and the engine cache keys its builds by it.
+
+Nothing here imports torch: ``--help`` of the commands must stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+# The dtype names of the engine format (format.DTYPES has the torch dtypes) and their aliases.
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+# The architectures the registry (architectures.py) converts, for --help without importing it;
+# tests/test_cli_help.py checks the two agree.
+SUPPORTED_ARCHITECTURES_HELP = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"
+
+
+class DtypeError(ValueError):
+    """An unknown dtype name; the message lists the accepted names."""
+
+
+def canonical_dtype(name: str) -> str:
+    """``name`` or one of its aliases (fp16, bf16, fp32, half, float) as the format's dtype name."""
+    key = str(name).strip().lower()
+    key = DTYPE_ALIASES.get(key, key)
+    if key not in DTYPE_NAMES:
+        raise DtypeError(
+            f"unknown dtype {name!r} (choose from {', '.join(DTYPE_NAMES)}, or {', '.join(DTYPE_ALIASES)})"
+        )
+    return key
+
+
+def add_build_options(parser: argparse.ArgumentParser, title: str = "build options") -> tuple[str, ...]:
+    """Add the flags that shape an engine; returns their ``dest`` names (see ``build_kwargs``).
+
+    Every default is None (or False for switches) so callers can tell "not given". Values are
+    checked by ``build_engine``, whose errors are one line, not by argparse.
+    """
+    group = parser.add_argument_group(title)
+    actions = [
+        group.add_argument("--tp", type=int, metavar="N",
+                           help="tensor-parallel size: number of rank files (default 1)"),
+        group.add_argument("--dtype", metavar="DTYPE",  # checked (and aliases resolved) by build_engine
+                           help="bfloat16 (bf16), float16 (fp16, half) or float32 (fp32, float) "
+                                "(default: the source's torch_dtype, else bfloat16)"),
+    ]
+    return tuple(a.dest for a in actions)
+
+
+def build_kwargs(args: argparse.Namespace, dests: tuple[str, ...]) -> dict[str, Any]:
+    """The build options that were given, as ``build_engine`` keyword arguments."""
+    values = {d: getattr(args, d, None) for d in dests}
+    return {k: v for k, v in values.items() if v is not None and v is not False}
+
+
+def presets_dir() -> Path:
+    """configs/presets of the source tree (engine_builder/ sits next to configs/)."""
+    return Path(__file__).resolve().parent.parent / "configs" / "presets"
+
+
+def available_presets() -> list[str]:
+    """Names of the random-weight presets (configs/presets/*.json)."""
+    return sorted(p.stem for p in presets_dir().glob("*.json"))
