@@ -124,8 +124,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     cfg = config or default_config(q.shape[2], q.dtype)
     num_heads, head_dim = q.shape[1], q.shape[2]
     kv_heads = k_cache.shape[2]
+    fp16_dots = k_cache.dtype == FP8_KV_DTYPE and q.dtype != torch.float32  # attention_kernels docstring
     common = dict(HEAD_DIM=head_dim, D_PAD=next_pow2(head_dim), BLOCK_SIZE=k_cache.shape[1],
-                  UPCAST=upcast_dots(q), PREC=dot_precision(q.dtype), SCALE_V=v_scale != 1.0)
+                  UPCAST=upcast_dots(q) and not fp16_dots, PREC=dot_precision(q.dtype), SCALE_V=v_scale != 1.0,
+                  FP16_DOTS=fp16_dots)
     strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
                k_cache.stride(2), block_tables.stride(0))
     scales = (float(scale) * k_scale * LOG2E, float(v_scale))  # (scale_log2, v_scale) of the kernels
