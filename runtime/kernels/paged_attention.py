@@ -68,7 +68,8 @@ def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     ok = (q.dim() == 3 and len(ks) == 4 and ks == v_cache.shape and k_cache.stride() == v_cache.stride()
           and ks[3] == qs[2] and qs[1] % ks[2] == 0 and k_cache.dtype == v_cache.dtype
           and (k_cache.dtype == q.dtype or k_cache.dtype == FP8_KV_DTYPE)
-          and (k_cache.dtype == FP8_KV_DTYPE or not scaled) and q.dtype in SUPPORTED_DTYPES and q.stride(2) == 1 and k_cache.stride(3) == 1
+          and (k_cache.dtype == FP8_KV_DTYPE or not scaled)
+          and q.dtype in SUPPORTED_DTYPES and q.stride(2) == 1 and k_cache.stride(3) == 1
           and block_tables.dtype == query_start_loc.dtype == seq_lens.dtype == torch.int32
           and block_tables.dim() == 2 and block_tables.stride(1) == 1
           and query_start_loc.shape[0] == seq_lens.shape[0] + 1 and block_tables.shape[0] >= seq_lens.shape[0])

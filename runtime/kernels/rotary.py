@@ -153,8 +153,9 @@ def _launch(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, s
         q, k, vv, positions if rotate else k, cs, kc, vc, slot_mapping if write_kv else k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), vv.stride(0), vv.stride(1), cs.stride(0),
         *cache_strides, num_q_heads, kv_heads, *inv_scales, HQ_PAD=next_pow2(num_q_heads),
-        HKV_PAD=next_pow2(kv_heads), HALF=half, HALF_PAD=next_pow2(half), BLOCK_SIZE=k_cache.shape[1] if write_kv else 1,
-        ROTATE=rotate, STORE_K=store_k, WRITE_KV=write_kv, QUANT=quant, num_warps=4)
+        HKV_PAD=next_pow2(kv_heads), HALF=half, HALF_PAD=next_pow2(half),
+        BLOCK_SIZE=k_cache.shape[1] if write_kv else 1, ROTATE=rotate, STORE_K=store_k, WRITE_KV=write_kv,
+        QUANT=quant, num_warps=4)
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
