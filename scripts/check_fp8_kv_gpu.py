@@ -13,7 +13,7 @@ Timing: decode attention, Llama-3.1-8B heads (32 q / 8 kv, head dim 128, bf16 qu
 size 32), batch 64/128/256 x context 1k-8k, FP8 cache vs bf16 cache, graph-timed over distinct
 input sets; GB/s count the bytes each call reads (FP8: 1 byte per K/V element).
 
-    PYTHONUNBUFFERED=1 python scripts/check_fp8_kv_gpu.py [--sweep] [--json PATH]
+    PYTHONUNBUFFERED=1 python scripts/check_fp8_kv_gpu.py [--no-check] [--sweep] [--json PATH]
 
 Logs and the JSON go to $OUT when it is set. Exit status 1 when a correctness case fails.
 """
@@ -183,6 +183,7 @@ def format_row(row) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-check", action="store_true", help="skip the correctness grid (timing only)")
     parser.add_argument("--sweep", action="store_true", help="also time FP8 decode tile configurations")
     parser.add_argument("--sweep-seconds", type=float, default=120.0)
     parser.add_argument("--json", default=None, help="write all results here (default $OUT/check_fp8_kv.json)")
@@ -196,7 +197,7 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}")
     t0, failures = time.time(), []
-    cases = check_attention_grid(failures) + check_writes(failures)
+    cases = 0 if args.no_check else check_attention_grid(failures) + check_writes(failures)
     print(f"correctness: {cases} cases, {len(failures)} failures, {time.time() - t0:.0f} s")
     for f in failures:
         print("  FAIL", f)
