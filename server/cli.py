@@ -74,6 +74,9 @@ def _make_parser() -> tuple[argparse.ArgumentParser, tuple[str, ...]]:
     e.add_argument("--block-size", type=int, help="tokens per KV block (default 32)")
     e.add_argument("--kv-cache-fraction", type=float, help="fraction of free GPU memory for the KV cache (default 0.9)")
     e.add_argument("--num-kv-cache-tokens", type=int, help="KV cache size in tokens (overrides the fraction)")
+    e.add_argument("--kv-cache-dtype", choices=["auto", "model", "fp8"],
+                   help="auto: FP8 when the engine has KV scales, else the model dtype (default); model: "
+                        "the model dtype; fp8: FP8 even without scales (scale 1.0)")
     e.add_argument("--capacity-policy", choices=["guaranteed_no_evict", "max_utilization"],
                    help="guaranteed_no_evict reserves KV for prompt + max_tokens; max_utilization packs and preempts")
     e.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action=_YesNo, value=False,

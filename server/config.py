@@ -19,7 +19,7 @@ API_KEY_ENV = "KILN_API_KEY"
 # EngineConfig fields the server exposes as flags / YAML keys.
 ENGINE_OPTIONS = (
     "device", "max_num_tokens", "max_batch_size", "block_size", "kv_cache_fraction",
-    "num_kv_cache_tokens", "capacity_policy", "enable_prefix_caching", "max_model_len",
+    "num_kv_cache_tokens", "kv_cache_dtype", "capacity_policy", "enable_prefix_caching", "max_model_len",
     "enforce_eager", "attention_backend", "seed", "devices",
 )
 

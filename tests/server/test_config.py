@@ -22,6 +22,8 @@ def test_example_yaml_loads_and_flags_win(tmp_path, monkeypatch):
     assert cfg.engine.enable_prefix_caching is False and cfg.engine.max_batch_size == 8
     assert cfg.engine.max_num_tokens == 8192 and cfg.model_name == "smollm2-135m"
     assert cfg.api_key is None
+    assert cfg.engine.kv_cache_dtype == "auto"
+    assert parse_config(["--kv-cache-dtype", "fp8", "e"]).engine.kv_cache_dtype == "fp8"
 
 
 def test_api_key_precedence_flag_yaml_env():
@@ -39,6 +41,7 @@ def test_api_key_precedence_flag_yaml_env():
     ({"engine_dir": "e", "max_queue": 0}, {}, "max_queue"),
     ({"engine_dir": "e", "block_size": 0}, {}, "block_size"),
     ({"engine_dir": "e", "device": "tpu"}, {}, "device"),
+    ({"engine_dir": "e"}, {"kv_cache_dtype": "int8"}, "kv_cache_dtype"),
 ])
 def test_bad_options_name_the_option(cli, yaml_values, needle):
     with pytest.raises(ServerConfigError, match=needle):
