@@ -122,6 +122,7 @@ class EngineStats:
     prompt_tokens: int
     generation_tokens: int
     num_failed_steps: int = 0
+    kv_cache_tokens: int = 0  # the KV cache's capacity in tokens
 
 
 def merge_completions(earlier: CompletionOutput, later: CompletionOutput) -> CompletionOutput:

@@ -198,8 +198,10 @@ class AsyncEngine:
 
     # ----- engine-thread side -----
     def _run(self) -> None:
+        check_alive = getattr(self.engine, "check_alive", lambda: None)
         try:
             while not self._stop.is_set():
+                check_alive()  # a dead engine process / tensor-parallel worker ends the loop, even when idle
                 self._wake.clear()
                 if self._drain_inbox():
                     self.stats = self.engine.get_stats()  # aborts change running/KV at once

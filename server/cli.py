@@ -85,6 +85,9 @@ def _make_parser() -> tuple[argparse.ArgumentParser, tuple[str, ...]]:
     e.add_argument("--enforce-eager", action=_YesNo, value=True, help="no CUDA graphs / compilation")
     e.add_argument("--attention-backend", choices=["auto", "triton", "torch"], help="default auto")
     e.add_argument("--seed", type=int, help="engine seed for unseeded sampling (default 0)")
+    e.add_argument("--no-engine-process", dest="engine_process", action=_YesNo, value=False,
+                   help="run the engine in a thread of the server's process (default: its own process, "
+                        "so the HTTP event loop and the engine never share a GIL)")
     e.add_argument("--devices", metavar="0,1",
                    help="GPU of each tensor-parallel rank (default 0..tp-1, within CUDA_VISIBLE_DEVICES); "
                         "the engine's tp comes from the engine directory")
@@ -131,13 +134,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load_engine(config: ServerConfig) -> Any:
-    from kiln.runtime.engine import LLMEngine
+    """The engine in its own process (default: the HTTP process's GIL then serves the streams
+    only), or in this one (--no-engine-process)."""
+    if config.engine_process:
+        from kiln.server.engine_process import EngineProcess
 
-    engine = LLMEngine(config.engine)
-    runner = getattr(engine, "runner", None)
-    logger.info("Engine loaded from %s: %s, tp %d, max_model_len %d, %s KV blocks of %s tokens",
+        engine = EngineProcess(config.engine)
+    else:
+        from kiln.runtime.engine import LLMEngine
+
+        engine = LLMEngine(config.engine)
+    stats = engine.get_stats()
+    logger.info("Engine loaded from %s: %s, tp %d, max_model_len %d, KV cache %d tokens (%s)",
                 config.engine.engine_dir, engine.model_config.architecture, engine.model_config.tp_size,
-                engine.max_model_len, getattr(runner, "num_blocks", "?"), getattr(runner, "block_size", "?"))
+                engine.max_model_len, stats.kv_cache_tokens,
+                "own process" if config.engine_process else "in the server's process")
     return engine
 
 

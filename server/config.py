@@ -44,6 +44,7 @@ class ServerConfig:
     max_queue: int | None = None
     shutdown_timeout: float = 30.0
     log_level: str = "info"
+    engine_process: bool = True  # the engine in its own process (server/engine_process.py)
     playground: bool = True  # GET / serves the browser playground (server/static/)
     # build_engine keyword arguments (--tp, --dtype, ...) for when engine_dir names a model to
     # build into the engine cache rather than an engine (engine_builder/engine_cache.py).
