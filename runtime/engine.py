@@ -357,6 +357,7 @@ class LLMEngine:
             prompt_tokens=self._num_prompt_tokens,
             generation_tokens=self._num_generation_tokens,
             num_failed_steps=self._num_failed_steps,
+            num_batch_slots_used=self.runner.num_batch_slots_used,
         )
 
 
