@@ -42,8 +42,9 @@ GREEDY = {"model": MODEL, "messages": [{"role": "user", "content": "What is the 
 
 EXTREME_INTS = [0, -1, 1, 2**31 - 1, 2**31, 2**53 + 1, 2**63 - 1, 2**63, 2**64, -(2**63) - 1, 10**30, 49151, 49152]
 EXTREME_FLOATS = [0.0, -0.0, 1e-45, 1e308, -1e308, float("nan"), float("inf"), float("-inf"), 2.000001]
-ODD_TEXT = st.sampled_from(["", "\ud800", "a\udfffb", "\x00", "\u202e\u2066", "\ufeff", "😀", "日本語", "<|im_start|>",
-                            "<|im_end|>", "{{ 7 * 7 }}", "{% for x in range(99) %}x{% endfor %}", "\n" * 40])
+ODD_TEXT = st.sampled_from(["\ud800", "a\udfffb", "\udc00\ud800", "", "\x00", "\u202e\u2066", "\ufeff", "😀", "日本語",
+                            "<|im_start|>", "<|im_end|>", "{{ 7 * 7 }}", "{% for x in range(99) %}x{% endfor %}",
+                            "\n" * 40])
 TEXT = st.one_of(st.text(max_size=12), ODD_TEXT)
 HOSTILE = st.one_of(
     st.none(), st.booleans(), st.sampled_from(EXTREME_INTS), st.integers(), st.sampled_from(EXTREME_FLOATS),
@@ -75,11 +76,11 @@ def _plausible(annotation: Any, name: str = "") -> st.SearchStrategy:
     if annotation is bool:
         return st.booleans()
     if annotation is int:
-        return st.integers(0, 9).flatmap(lambda i: st.sampled_from(EXTREME_INTS) if i == 0 else st.integers(0, 4))
+        return st.integers(0, 4).flatmap(lambda i: st.sampled_from(EXTREME_INTS) if i == 0 else st.integers(0, 4))
     if annotation is float:
-        return st.integers(0, 9).flatmap(lambda i: st.sampled_from(EXTREME_FLOATS) if i == 0 else st.floats(0, 1))
+        return st.integers(0, 4).flatmap(lambda i: st.sampled_from(EXTREME_FLOATS) if i == 0 else st.floats(0, 1))
     if annotation is str:
-        return st.integers(0, 3).flatmap(lambda i: ODD_TEXT if i == 0 else st.text(min_size=1, max_size=12))
+        return st.integers(0, 2).flatmap(lambda i: ODD_TEXT if i == 0 else st.text(min_size=1, max_size=12))
     return HOSTILE
 
 
