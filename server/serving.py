@@ -101,11 +101,8 @@ class OpenAIServing:
         before it is tokenized when its length proves it, else right after."""
         if tokenizer is None:
             raise bad_request("This model has no tokenizer: send the prompt as token ids.", prompt_param)
-        bound = self.ctx.bound
-        if bound is not None:
-            at_least = bound.min_tokens(text)
-            if at_least >= self.ctx.max_model_len:
-                self.check_prompt_len(at_least, prompt_param, at_least=True)
+        if self.ctx.bound is not None:
+            self.check_prompt_len(self.ctx.bound.min_tokens(text), prompt_param, at_least=True)
         ids = list(tokenizer(text, **kwargs)["input_ids"])
         self.check_prompt_len(len(ids), prompt_param)
         return ids
