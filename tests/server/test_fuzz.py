@@ -7,8 +7,8 @@ the whole body is not an object at all. Every answer must be a 200 or an OpenAI-
 never a 5xx; afterwards /health is 200, a greedy request gives the answer it gave before, and
 no request, batch slot or KV block is left taken.
 
-CI runs a bounded number of examples; for a longer run:
-    KILN_FUZZ_EXAMPLES=2000 pytest tests/server/test_fuzz.py -p no:cacheprovider
+CI runs a bounded number of examples on the CPU; for a longer run (or on a GPU):
+    KILN_FUZZ_EXAMPLES=2000 [KILN_FUZZ_DEVICE=cuda] pytest tests/server/test_fuzz.py -p no:cacheprovider
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from .helpers import ThreadServer, metric
 pytestmark = pytest.mark.slow
 
 EXAMPLES = int(os.environ.get("KILN_FUZZ_EXAMPLES", "25"))
+DEVICE = os.environ.get("KILN_FUZZ_DEVICE", "cpu")
 MODEL = "smollm2"
 GREEDY = {"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}],
           "max_tokens": 6, "temperature": 0}
@@ -115,7 +116,7 @@ REQUESTS = st.sampled_from(list(ENDPOINTS)).flatmap(lambda path: st.tuples(st.ju
 def live(smollm2_engine_dir):
     from kiln.runtime.engine import LLMEngine
 
-    engine_config = EngineConfig(engine_dir=str(smollm2_engine_dir), device="cpu", max_model_len=64,
+    engine_config = EngineConfig(engine_dir=str(smollm2_engine_dir), device=DEVICE, max_model_len=64,
                                  num_kv_cache_tokens=1024, max_batch_size=4)
     config = ServerConfig(engine=engine_config, served_model_name=MODEL, max_queue=8, max_n=2, max_prompts=3,
                           max_request_bytes=32 * 1024)
