@@ -340,6 +340,7 @@ class LLMEngine:
             generation_tokens=self._num_generation_tokens,
             num_failed_steps=self._num_failed_steps,
             kv_cache_tokens=self.executor.num_blocks * self.executor.block_size,
+            num_batch_slots_used=self.runner.num_batch_slots_used,
         )
 
 

@@ -111,6 +111,11 @@ class ModelRunner:
     def is_shut_down(self) -> bool:
         return self.model is None
 
+    @property
+    def num_batch_slots_used(self) -> int:
+        """Batch rows held by requests (a finished one keeps its row until the next launch)."""
+        return 0 if self.input_batch is None else len(self.input_batch.requests)
+
     def shutdown(self) -> None:
         """Release the model weights, KV cache, CUDA graphs and batch buffers now; idempotent.
 
