@@ -26,13 +26,14 @@ from typing import Any
 from kiln.engine_builder.format import load_engine
 from kiln.runtime.config import EngineConfig
 from kiln.runtime.executor import Executor, FatalEngineError, make_executor
+from kiln.runtime.grammar import GrammarCompiler
 from kiln.runtime.model_runner import EngineShutDownError, ModelRunner, StepHandle
 from kiln.runtime.outputs import (CompletionOutput, EngineStats, RequestMetrics, RequestOutput, SequenceTracker,
                                   merge_completions)
 from kiln.scheduler import RequestRejected, Scheduler, SchedulerConfig
 from kiln.scheduler.interface import RunnerOutput, SchedulerOutput
 from kiln.scheduler.request import Request, RequestStatus
-from kiln.scheduler.sampling_params import SamplingParams
+from kiln.scheduler.sampling_params import SamplingParams, SamplingParamsError
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,9 @@ class LLMEngine:
         self.eos_token_ids = _eos_token_ids(Path(loaded_engine.path), self.tokenizer)
         self.executor: Executor = make_executor(config, loaded_engine)
         del loaded_engine
+        # Structured output: grammars compiled here (cached), matched by rank 0's runner.
+        self.grammar_compiler = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+        self.runner.enable_structured_output(self.grammar_compiler)
         self.max_model_len = self.executor.max_model_len
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -154,6 +158,9 @@ class LLMEngine:
             raise RequestRejected(f"request id {request_id!r} is already in use")
         params = sampling_params or SamplingParams()
         text, token_ids = prepare_prompt(prompt, self.tokenizer, self.model_config.vocab_size)
+        check_logit_bias(params, self.model_config.vocab_size)
+        if params.structured_output is not None:
+            self.grammar_compiler.compile(params.structured_output)  # GrammarError at once; cached for the runner
         arrival = time.monotonic() if arrival_time is None else arrival_time
         child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         parent = _ParentRequest(request_id, text, token_ids, child_ids, RequestMetrics(arrival_time=arrival))
@@ -362,6 +369,14 @@ def prepare_prompt(prompt: str | list[int], tokenizer: Any, vocab_size: int) -> 
     if bad:
         raise RequestRejected(f"prompt token id {bad[0]} is out of the vocabulary (size {vocab_size})")
     return text, token_ids
+
+
+def check_logit_bias(params: SamplingParams, vocab_size: int) -> None:
+    """Raise SamplingParamsError (param logit_bias) for a biased token id outside the vocabulary."""
+    bad = [t for t in params.logit_bias or {} if not 0 <= t < vocab_size]
+    if bad:
+        raise SamplingParamsError("logit_bias", f"logit_bias token id {bad[0]} is outside the vocabulary "
+                                                f"[0, {vocab_size})")
 
 
 def load_tokenizer(path: Path) -> Any:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from kiln.runtime.attention import AttentionMetadata
+from kiln.runtime.grammar import GrammarRows
 from kiln.runtime.sampler import SamplingMetadata, SamplingRows
 from kiln.runtime.staging import Staging
 from kiln.scheduler.interface import SchedulerOutput
@@ -122,6 +123,7 @@ class InputBatch:
         self.row_gen = np.zeros(max_batch_size, dtype=np.int64)
         self.last_sampled = torch.zeros(max_batch_size, dtype=torch.int64, device=device)
         self.sampling = SamplingRows(max_batch_size, vocab_size)
+        self.grammar: GrammarRows | None = None  # rank 0 with a tokenizer: structured output (grammar.py)
         self.requests: dict[str, RequestState] = {}
         self.free_rows = list(range(max_batch_size - 1, -1, -1))
         self.staging = Staging(max(max_num_tokens, max_batch_size), max_batch_size, self.max_blocks_per_seq, device)
@@ -184,6 +186,7 @@ class InputBatch:
         self.num_blocks_of[row] = 0
         self._append_blocks(row, block_ids)
         self.sampling.set(row, params, eos_token_ids)
+        self._set_grammar(row, params, token_ids[num_prompt_tokens:])
         self.token_ids[row, : len(ids)] = ids
         self.free_rows.pop()
         self.num_tokens[row] = len(ids)
@@ -192,6 +195,15 @@ class InputBatch:
         self.num_pending[row] = 0
         self.row_gen[row] += 1
         self.requests[request_id] = RequestState(row, generator)
+
+    def _set_grammar(self, row: int, params: SamplingParams, output_ids: list[int]) -> None:
+        grammar = self.grammar
+        if grammar is not None:
+            grammar.remove(row)  # the row's former owner
+            if params.structured_output is not None:
+                grammar.add(row, params.structured_output, list(output_ids))
+        elif params.structured_output is not None:
+            raise InvalidRequestError("structured output needs the engine's grammar compiler (a tokenizer)")
 
     def _append_blocks(self, row: int, block_ids: list[int]) -> None:
         if not block_ids:
@@ -209,6 +221,8 @@ class InputBatch:
         state = self.requests.pop(request_id, None)
         if state is not None:
             self.free_rows.append(state.row)
+            if self.grammar is not None:
+                self.grammar.remove(state.row)
 
     def mark_sampled(self, rows: np.ndarray, inputs: ModelInputs, token_ids: torch.Tensor) -> None:
         """A launched step samples ``token_ids`` (device) for ``rows``: they are pending until
@@ -223,6 +237,8 @@ class InputBatch:
         self.token_ids[rows, at] = token_ids
         self.num_tokens[rows] = at + 1
         self.num_pending[rows] -= 1
+        if self.grammar is not None:
+            self.grammar.accept(rows, token_ids)
 
     # ------------------------------------------------------------------ tensors
 
@@ -418,7 +434,8 @@ class InputBatch:
         sampling = self.sampling
         logprobs = sampling.logprobs[rows]
         num_outputs = self.num_tokens[rows] + self.num_pending[rows] - self.num_prompt[rows]
-        if sampling.plain_greedy(rows) and not len(sampling.banning_rows(rows, num_outputs)):
+        if (sampling.plain_greedy(rows) and not len(sampling.banning_rows(rows, num_outputs))
+                and not (self.grammar is not None and self.grammar.any(rows))):
             return SamplingBatch(request_ids, None, logprobs)
         requests = self.requests
         generators = [requests[r].generator for r in request_ids]

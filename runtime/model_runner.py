@@ -28,6 +28,7 @@ from kiln.runtime.attention import AttentionMetadata, select_kernels
 from kiln.runtime.config import EngineConfig
 from kiln.runtime.cuda_graphs import DecodeGraphs, graph_batch_sizes, graph_memory_estimate
 from kiln.runtime.fp8_kv import resolve_kv_cache_dtype
+from kiln.runtime.grammar import GrammarCompiler, GrammarRows
 from kiln.runtime.input_batch import InputBatch, ModelInputs, SamplingBatch
 from kiln.runtime.kv_cache import KVCache, KVCacheSpec, cpu_num_blocks, explicit_num_blocks, gpu_num_blocks
 from kiln.runtime.model import LlamaFamilyModel
@@ -288,12 +289,27 @@ class ModelRunner:
         logits = self._forward(inputs)
         if not sampling.request_ids:
             return handle
+        self._attach_grammar_masks(sampling, rows)
         sampled = self._sample(logits, sampling)
         handle.sampling, handle.rows, handle.row_gens = sampling, rows, batch.row_gen[rows]
         batch.mark_sampled(rows, inputs, sampled.sampled_token_ids)
         self._start_copy(handle, sampled)
         self._unresolved.append(handle)
         return handle
+
+    def enable_structured_output(self, compiler: GrammarCompiler) -> None:
+        """Rows of requests with a ``structured_output`` get grammar matchers (rank 0: it samples)."""
+        if self.group.is_first_rank and self.input_batch is not None:
+            self.input_batch.grammar = GrammarRows(compiler, self.config.max_batch_size, self.device)
+
+    def _attach_grammar_masks(self, sampling: SamplingBatch, rows: np.ndarray) -> None:
+        """Constrained rows need their matchers advanced by the step in flight: wait for it
+        (the forward just queued keeps the device busy meanwhile), then fill their masks."""
+        grammar = self.input_batch.grammar
+        if grammar is None or sampling.metadata is None or not grammar.any(rows):
+            return
+        self._resolve_all()
+        sampling.metadata.allowed_tokens = grammar.bitmask(rows)
 
     def _start_copy(self, handle: StepHandle, sampled: SamplerOutput) -> None:
         """Queue the device-to-host copies of the step's results and an event after them."""

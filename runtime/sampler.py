@@ -8,6 +8,7 @@ whatever batch it runs in). No ``.item()`` or other host syncs happen here; the 
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,6 +57,13 @@ class SamplingMetadata:
     # (row indices, token ids) whose logits are -inf before sampling: EOS / stop ids of rows
     # that have fewer than min_tokens outputs. None when no row needs it.
     banned: tuple[torch.Tensor, torch.Tensor] | None = None
+    # (row indices, token ids, biases) added to the logits before sampling: the rows' logit_bias.
+    # None when no row has one.
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # (row indices, int32 bitmask [P, ceil(V / 32)]): the tokens each constrained row's grammar
+    # allows (bit set = allowed). Filled after the forward is queued (model_runner.py); None
+    # when no row has a grammar.
+    allowed_tokens: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def build(
@@ -94,9 +102,14 @@ class SamplingRows:
         self.logprobs = np.full(num_rows, -1, dtype=np.int32)
         self.min_tokens = np.zeros(num_rows, dtype=np.int64)
         self.stop_ids: list[tuple[int, ...]] = [()] * num_rows
+        self.biased = np.zeros(num_rows, dtype=bool)
+        self.bias: list[tuple[np.ndarray, np.ndarray] | None] = [None] * num_rows  # (token ids, biases)
         self.vocab_size = vocab_size
 
     def set(self, row: int, p: SamplingParams, eos_token_ids: frozenset[int] = frozenset()) -> None:
+        bias = _logit_bias_arrays(p.logit_bias, self.vocab_size)  # raises first: nothing half-written
+        self.bias[row] = bias
+        self.biased[row] = bias is not None
         greedy = p.greedy
         self.floats[:, row] = (0.0 if greedy else p.temperature, 1.0 if greedy else p.top_p,
                                0.0 if greedy else p.min_p, p.repetition_penalty, p.presence_penalty,
@@ -138,7 +151,21 @@ class SamplingRows:
     def plain_greedy(self, rows: np.ndarray) -> bool:
         """True when every row is greedy without penalties, logprobs or a min_tokens ban:
         a bare argmax (the caller checks the ban, see ``banning_rows``)."""
-        return bool(self.greedy[rows].all() and not self.penalties[rows].any() and (self.logprobs[rows] < 0).all())
+        return bool(self.greedy[rows].all() and not self.penalties[rows].any() and (self.logprobs[rows] < 0).all()
+                    and not self.biased[rows].any())
+
+    def logit_bias(self, rows: np.ndarray, device: torch.device | str
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(batch row, token id, bias) tensors of the rows' logit_bias entries; None when none has one."""
+        positions = np.flatnonzero(self.biased[rows])
+        if not len(positions):
+            return None
+        parts = [self.bias[int(rows[i])] for i in positions.tolist()]  # only the biased rows
+        counts = [len(ids) for ids, _ in parts]
+        index = torch.from_numpy(np.stack([np.repeat(positions, counts), np.concatenate([ids for ids, _ in parts])]))
+        values = torch.from_numpy(np.concatenate([b for _, b in parts]))
+        index, values = _to_device(index, device), _to_device(values, device)
+        return index[0], index[1], values
 
     def metadata(
         self,
@@ -184,7 +211,20 @@ class SamplingRows:
             no_min_p=not floats[2].any(),
             max_top_k=int(random_ks.max()) if len(random_ks) and random_ks.min() > 0 else None,
             banned=None if num_outputs is None else self.banned(rows, self.banning_rows(rows, num_outputs), device),
+            logit_bias=self.logit_bias(rows, device),
         )
+
+
+def _logit_bias_arrays(logit_bias: dict[int, float] | None, vocab_size: int | None
+                       ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(token ids int64, biases float32) of a logit_bias; ids must be inside the vocabulary."""
+    if not logit_bias:
+        return None
+    ids = np.fromiter(logit_bias.keys(), dtype=np.int64, count=len(logit_bias))
+    if vocab_size is not None and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = int(ids[(ids < 0) | (ids >= vocab_size)][0])
+        raise ValueError(f"logit_bias token id {bad} is outside the vocabulary [0, {vocab_size})")
+    return ids, np.fromiter(logit_bias.values(), dtype=np.float32, count=len(logit_bias))
 
 
 def _to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -234,6 +274,8 @@ class Sampler:
             logits = apply_penalties(logits, metadata)
         if metadata.banned is not None:  # after the raw logprobs: those stay unprocessed
             logits = logits.index_put(metadata.banned, logits.new_full((), _NEG_INF))
+        if metadata.logit_bias is not None or metadata.allowed_tokens is not None:
+            logits = apply_logit_constraints(logits, metadata)
 
         if metadata.all_greedy:
             sampled = logits.argmax(dim=-1)
@@ -285,6 +327,33 @@ def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     logits = torch.where(seen, penalised, logits)
     logits = logits - md.frequency_penalty.unsqueeze(1) * counts
     return logits - md.presence_penalty.unsqueeze(1) * (counts > 0).to(logits.dtype)
+
+
+def apply_logit_constraints(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """Add the rows' logit_bias, then set every token a row's grammar disallows to -inf.
+    Returns a new tensor; rows without either come out unchanged."""
+    if md.logit_bias is not None:
+        positions, ids, bias = md.logit_bias
+        logits = logits.index_put((positions, ids), bias, accumulate=True)
+    if md.allowed_tokens is not None:
+        logits = apply_token_bitmask(logits, *md.allowed_tokens)
+    return logits
+
+
+def apply_token_bitmask(logits: torch.Tensor, positions: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """-inf at the tokens whose bit is 0 in ``bitmask`` (int32 [P, ceil(V / 32)], bit j of word w
+    = token 32 w + j) for rows ``positions`` of ``logits`` [S, V]; other rows unchanged."""
+    vocab = logits.shape[1]
+    bits = _bit_values(logits.device)
+    banned = (bitmask.unsqueeze(-1) & bits).eq(0).flatten(1)[:, :vocab]  # one AND and one compare
+    rows = logits.index_select(0, positions).masked_fill_(banned, _NEG_INF)
+    return logits.index_copy(0, positions, rows)
+
+
+@functools.lru_cache(maxsize=8)
+def _bit_values(device: torch.device) -> torch.Tensor:
+    """1 << j as int32 for j in 0..31 (bit 31 is the sign bit), kept on ``device``."""
+    return torch.tensor([1 << j for j in range(31)] + [-(1 << 31)], dtype=torch.int32, device=device)
 
 
 # Above this width torch.topk is no cheaper than a full sort.

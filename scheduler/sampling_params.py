@@ -7,6 +7,7 @@ sampler (which reads the sampling fields). It is validated once, at the edge.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 # Integers reach int64 tensors (token ids, counts) and torch.Generator seeds: bound them there.
@@ -26,6 +27,27 @@ class SamplingParamsError(ValueError):
         self.param = param
 
 
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the generated text, compiled into a token grammar by the runtime
+    (runtime/grammar.py, xgrammar). ``kind`` is one of ``STRUCTURED_KINDS``:
+
+    - ``json``: ``spec`` is a JSON schema (JSON text); ``json_object``: any JSON object (``spec`` "")
+    - ``regex``: a regular expression; ``grammar``: an EBNF grammar (GBNF style, root rule ``root``)
+    - ``choice``: ``spec`` is a JSON list of strings, one of which is the whole output
+    - ``structural_tag``: xgrammar's structural tag (JSON text), e.g. tool calls in a model's format
+
+    The text must match the whole output; once it is complete only an EOS token may follow.
+    """
+
+    kind: str
+    spec: str = ""
+
+
+STRUCTURED_KINDS = ("json", "json_object", "regex", "grammar", "choice", "structural_tag")
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range: [-100, 100]
+
+
 @dataclass
 class SamplingParams:
     """Per-request sampling and stop settings, familiar to vLLM users.
@@ -33,6 +55,11 @@ class SamplingParams:
     temperature == 0 means greedy. top_k <= 0 disables top-k. logprobs=None returns no
     logprobs; logprobs=k returns the chosen token's logprob plus the k most likely
     alternatives (k may be 0).
+
+    ``logit_bias`` maps token ids to a bias in [-100, 100] added to their logits before
+    sampling (logprobs stay the model's own). ``structured_output`` constrains the output to a
+    grammar; it cannot be combined with ``min_tokens`` (which would ban the EOS a complete
+    output needs).
     """
 
     n: int = 1
@@ -52,6 +79,8 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None
+    structured_output: StructuredOutput | None = None
 
     MAX_LOGPROBS = 20
 
@@ -107,6 +136,34 @@ class SamplingParams:
             bad("stop", "at most 16 stop strings are supported")
         if any(not _is_int(t) or not 0 <= t <= INT64_MAX for t in self.stop_token_ids):
             bad("stop_token_ids", "stop_token_ids must be non-negative integers")
+        self._validate_constraints(bad)
+
+    def _validate_constraints(self, bad) -> None:
+        """logit_bias and structured_output (see the class docstring)."""
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                bad("logit_bias", "logit_bias must map token ids to biases")
+            for token, bias in self.logit_bias.items():
+                if not _is_int(token) or not 0 <= token <= INT64_MAX:
+                    bad("logit_bias", f"logit_bias keys must be token ids (non-negative integers), got {token!r}")
+                if (not isinstance(bias, (int, float)) or isinstance(bias, bool) or not math.isfinite(bias)
+                        or not -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT):
+                    bad("logit_bias", f"logit_bias values must be numbers in [-100, 100], got {bias!r} "
+                                      f"for token {token}")
+        so = self.structured_output
+        if so is not None:
+            if not isinstance(so, StructuredOutput) or so.kind not in STRUCTURED_KINDS or not isinstance(so.spec, str):
+                bad("structured_output", f"structured_output must be a StructuredOutput with a kind in "
+                                         f"{', '.join(STRUCTURED_KINDS)} and a text spec")
+            if self.min_tokens:
+                bad("min_tokens", "min_tokens cannot be combined with structured output (it would ban "
+                                  "the end of a complete output)")
+
+    @property
+    def allows_speculation(self) -> bool:
+        """False for constrained requests (a grammar or logit_bias): their tokens are
+        sampled one step at a time, never verified from drafts."""
+        return self.structured_output is None and not self.logit_bias
 
     @property
     def needs_penalties(self) -> bool:
