@@ -12,7 +12,8 @@ tokenizer, max_model_len, model_config, shutdown) over an engine running in a ch
   pile up and the streams merge them into fewer, larger chunks.
 * Messages are pickled tuples of plain values (``pack_output``; a round-trip test pins the
   schema). Cumulative fields never cross: ``step()`` here rebuilds them from the deltas, so
-  no message grows with a generation's length.
+  no message grows with a generation's length. Prompt logprobs (when asked for) cross once,
+  with a request's first output, and are kept here for its later ones.
 * Requests are checked here, synchronously, with the engine's own rules (``prepare_prompt``,
   the scheduler's ``check_fits``), so a bad one still gets its 400 at once; they reach the
   child as token ids.
@@ -38,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from kiln.runtime.config import EngineConfig
-from kiln.runtime.engine import load_tokenizer, prepare_prompt
+from kiln.runtime.engine import check_logit_bias, load_tokenizer, prepare_prompt
+from kiln.runtime.grammar import GrammarError, check_structured_output
 from kiln.runtime.executor import FatalEngineError
 from kiln.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
 from kiln.scheduler import RequestRejected
@@ -68,17 +70,22 @@ class _Live:
     prompt: str | None
     prompt_token_ids: list[int]
     choices: dict[int, _Choice] = field(default_factory=dict)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
-def pack_output(out: RequestOutput) -> tuple:
-    """The wire form of one step's output: its deltas, finish state and metrics, no cumulative field."""
+def pack_output(out: RequestOutput, with_prompt_logprobs: bool = True) -> tuple:
+    """The wire form of one step's output: its deltas, finish state and metrics, no cumulative
+    field; the prompt logprobs (complete by a request's first output) only when asked, once."""
     m = out.metrics
     choices = [(c.index, c.delta_text, c.delta_token_ids, c.finish_reason, c.stop_reason,
                 None if c.delta_logprobs is None else [(lp.token_id, lp.logprob, lp.top) for lp in c.delta_logprobs])
                for c in out.outputs]
     metrics = (m.arrival_time, m.first_scheduled_time, m.first_token_time, m.last_token_time, m.finished_time,
                m.num_cached_tokens)
-    return out.request_id, out.finished, metrics, out.num_cached_tokens, choices
+    prompt_lps = None
+    if with_prompt_logprobs and out.prompt_logprobs is not None:
+        prompt_lps = [None if e is None else (e.token_id, e.logprob, e.top) for e in out.prompt_logprobs]
+    return out.request_id, out.finished, metrics, out.num_cached_tokens, choices, prompt_lps
 
 
 class EngineProcess:
@@ -120,6 +127,11 @@ class EngineProcess:
             raise RequestRejected(f"request id {request_id!r} is already in use")
         params = sampling_params or SamplingParams()
         text, token_ids = prepare_prompt(prompt, self.tokenizer, self.model_config.vocab_size)
+        check_logit_bias(params, self.model_config.vocab_size)
+        if params.structured_output is not None:  # tokenizer-free; the child compiles it for its vocabulary
+            if self.tokenizer is None:
+                raise GrammarError("Structured output needs a tokenizer, and this engine has none.")
+            check_structured_output(params.structured_output)
         # The scheduler's own admission rules, on a throwaway Request (it may resolve max_tokens).
         check_fits(self._scheduler_config, Request(request_id, token_ids, params, self._eos))
         arrival = time.monotonic() if arrival_time is None else arrival_time
@@ -210,10 +222,12 @@ class EngineProcess:
             raise EngineProcessError(f"the engine process died (exit code {self._proc.exitcode})") from None
 
     def _unpack(self, packed: tuple) -> RequestOutput | None:
-        request_id, finished, metrics, num_cached, choices = packed
+        request_id, finished, metrics, num_cached, choices, prompt_lps = packed
         live = self._live.get(request_id)
         if live is None:
             return None  # aborted meanwhile
+        if prompt_lps is not None:
+            live.prompt_logprobs = [None if e is None else TokenLogprob(e[0], e[1], list(e[2])) for e in prompt_lps]
         outputs = []
         for index, delta_text, delta_ids, finish_reason, stop_reason, delta_lps in choices:
             state = live.choices.setdefault(index, _Choice(logprobs=[] if delta_lps is not None else None))
@@ -230,7 +244,7 @@ class EngineProcess:
         if finished:
             del self._live[request_id]
         return RequestOutput(request_id, live.prompt, live.prompt_token_ids, outputs, finished,
-                             RequestMetrics(*metrics), num_cached)
+                             RequestMetrics(*metrics), num_cached, live.prompt_logprobs)
 
 
 # ----------------------------------------------------------------------------- the child
@@ -279,7 +293,18 @@ def _child_reader(conn: Any, inbox: queue.SimpleQueue) -> None:
             return
 
 
+def _pack_once(out: RequestOutput, sent: set[str]) -> tuple:
+    """pack_output, sending a request's prompt logprobs with its first output only."""
+    first = out.prompt_logprobs is not None and out.request_id not in sent
+    if first and not out.finished:
+        sent.add(out.request_id)
+    elif out.finished:
+        sent.discard(out.request_id)
+    return pack_output(out, with_prompt_logprobs=first)
+
+
 def _serve(engine: Any, inbox: queue.SimpleQueue, send: Any) -> None:
+    sent_prompt_logprobs: set[str] = set()  # requests whose prompt logprobs went out
     while True:
         try:
             message = inbox.get(timeout=0.0 if engine.has_unfinished_requests() else 0.5)
@@ -297,7 +322,7 @@ def _serve(engine: Any, inbox: queue.SimpleQueue, send: Any) -> None:
                 message = None
         if engine.has_unfinished_requests():
             outputs = engine.step()
-            send(("step", [pack_output(o) for o in outputs], engine.get_stats()))
+            send(("step", [_pack_once(o, sent_prompt_logprobs) for o in outputs], engine.get_stats()))
         elif handled:  # aborts change the running count and KV usage: report them
             send(("stats", engine.get_stats()))
 
@@ -310,6 +335,6 @@ def _apply(engine: Any, message: tuple, send: Any) -> None:
             engine.add_request(request_id, token_ids, params, arrival_time=arrival, priority=priority)
         except Exception as exc:  # checked by the parent already; report it as a failed request
             send(("step", [(request_id, True, (arrival, None, None, None, None, 0), 0,
-                            [(0, "", [], "error", str(exc), None)])], engine.get_stats()))
+                            [(0, "", [], "error", str(exc), None)], None)], engine.get_stats()))
     elif kind == "abort":
         engine.abort_request(message[1])

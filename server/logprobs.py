@@ -79,3 +79,52 @@ def completion_logprobs(entries: Sequence[Any], strings: TokenStrings, text_offs
         offsets.append(pos)
         pos += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def echo_logprobs(entries: Sequence[Any] | None, prompt_ids: Sequence[int], strings: TokenStrings
+                  ) -> dict[str, Any]:
+    """The completions ``logprobs`` of an echoed prompt: every prompt token with its logprob
+    given the tokens before it (None for the first, which has no context) and its top
+    alternatives; ``entries`` are the engine's prompt logprobs (None first)."""
+    tokens, token_logprobs, tops, offsets = [], [], [], []
+    pos = 0
+    for i, token_id in enumerate(prompt_ids):
+        text = strings.text(token_id)
+        entry = entries[i] if entries is not None and i < len(entries) else None
+        tokens.append(text)
+        offsets.append(pos)
+        pos += len(text)
+        if entry is None:
+            token_logprobs.append(None)
+            tops.append(None)
+            continue
+        token_logprobs.append(_finite(entry.logprob))
+        top: dict[str, float] = {}
+        for t, lp in entry.top:
+            top.setdefault(strings.text(t), _finite(lp))
+        tops.append(top)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def join_completion_logprobs(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    return {key: first[key] + second[key] for key in first}
+
+
+def prompt_logprobs(entries: Sequence[Any] | None, strings: TokenStrings) -> list[Any] | None:
+    """vLLM's ``prompt_logprobs``: per prompt token None (the first) or ``{token id: {logprob,
+    rank, decoded_token}}`` for the token itself and its top alternatives; rank is its place
+    among those alternatives (1 = most likely), null for a prompt token outside them."""
+    if entries is None:
+        return None
+    out: list[Any] = []
+    for entry in entries:
+        if entry is None:
+            out.append(None)
+            continue
+        ranks = {t: r for r, (t, _) in enumerate(entry.top, start=1)}
+        item = {str(entry.token_id): {"logprob": _finite(entry.logprob), "rank": ranks.get(entry.token_id),
+                                      "decoded_token": strings.text(entry.token_id)}}
+        for t, lp in entry.top:
+            item.setdefault(str(t), {"logprob": _finite(lp), "rank": ranks[t], "decoded_token": strings.text(t)})
+        out.append(item)
+    return out

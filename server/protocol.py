@@ -1,27 +1,26 @@
 """OpenAI request bodies (pydantic v2) and their translation into SamplingParams.
 
 Unknown extra fields are ignored, as OpenAI clients send fields that come and go. Fields Kiln
-does not implement (tools, response_format other than text, logit_bias, ...) are rejected
-with a 400 naming them, never silently ignored: ``check_supported`` is the one place that
-decides. Types are strict, as OpenAI's are: ``true`` is not an integer, ``"42"`` is not a
-seed, ``1`` is not a boolean. Text holding a lone UTF-16 surrogate (``"\ud800"``), which no
+does not implement (``functions``, ``best_of`` other than n, ...) are rejected with a 400
+naming them, never silently ignored: ``check_supported`` is the one place that decides.
+Types are strict, as OpenAI's are: ``true`` is not an integer, ``"42"`` is not a seed, ``1``
+is not a boolean. Text holding a lone UTF-16 surrogate (``"\ud800"``), which no
 tokenizer or JSON encoder accepts, is refused before any field is read.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Annotated, Any, Mapping, Union
+from typing import Any, Mapping, Union
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
+from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from kiln.scheduler.sampling_params import SamplingParams, SamplingParamsError
 from kiln.server.errors import bad_request
-
-Int = Annotated[int, Strict()]
-Float = Annotated[float, Strict()]  # strict floats still take JSON integers
-Bool = Annotated[bool, Strict()]
+from kiln.server.protocol_fields import (Body, Bool, Float, Int, NamedToolChoice, ResponseFormat, ToolCallParam,
+                                         ToolParam)
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
@@ -35,19 +34,7 @@ class RequestLimits:
     vocab_size: int
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_means_default(cls, data: Any) -> Any:
-        # Some clients send `"temperature": null` for "not set"; treat it as absent.
-        if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None}
-        return data
-
-
-class _Request(_Body):
+class _Request(Body):
     """A top-level request body: its text is checked for lone surrogates before anything else."""
 
     @model_validator(mode="before")
@@ -88,20 +75,21 @@ def find_lone_surrogate(data: Any) -> tuple[str, int] | None:
     return None
 
 
-class StreamOptions(_Body):
+class StreamOptions(Body):
     include_usage: Bool = False
 
 
-class ContentPart(_Body):
+class ContentPart(Body):
     type: str
     text: str | None = None
 
 
-class ChatMessage(_Body):
+class ChatMessage(Body):
     role: str
     content: Union[str, list[ContentPart], None] = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCallParam] | None = None
+    tool_call_id: str | None = None
     function_call: dict[str, Any] | None = None
 
     def text(self, i: int) -> str:
@@ -125,14 +113,31 @@ class ChatMessage(_Body):
 
 
 def conversation(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as plain dicts for the chat template; text parts are joined."""
+    """Messages as plain dicts for the chat template; text parts are joined, tool call
+    arguments decoded into objects (what chat templates expect)."""
     out = []
     for i, m in enumerate(messages):
         msg: dict[str, Any] = {"role": m.role, "content": m.text(i)}
         if m.name:
             msg["name"] = m.name
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        if m.tool_calls:
+            msg["tool_calls"] = [_template_call(c, f"messages[{i}].tool_calls[{j}]") for j, c in enumerate(m.tool_calls)]
         out.append(msg)
     return out
+
+
+def _template_call(call: ToolCallParam, param: str) -> dict[str, Any]:
+    args = call.function.arguments
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError:
+            args = None
+    if not isinstance(args, dict):
+        raise bad_request("Tool call arguments must be a JSON object.", f"{param}.function.arguments")
+    return {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": args}}
 
 
 def messages_size(messages: list[ChatMessage]) -> int:
@@ -170,21 +175,41 @@ class _SamplingFields(_Request):
     include_stop_str_in_output: Bool = False
     user: str | None = None
     logit_bias: dict[str, Float] | None = None
+    response_format: ResponseFormat | None = None
+    guided_json: Union[str, dict[str, Any], None] = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    prompt_logprobs: Int | None = None  # vLLM's extra: logprobs of the prompt tokens (top-K alternatives)
 
     def check_limits(self, limits: RequestLimits) -> None:
-        """The server's caps: n, and stop ids inside the vocabulary."""
+        """The server's caps: n, and stop ids and biased ids inside the vocabulary."""
         if self.n > limits.max_n:
             raise bad_request(f"n must be at most {limits.max_n} on this server, got {self.n}.", "n")
         bad = [t for t in self.stop_token_ids or [] if not 0 <= t < limits.vocab_size]
         if bad:
             raise bad_request(f"stop_token_ids holds {bad[0]}, outside the vocabulary [0, {limits.vocab_size}).",
                               "stop_token_ids")
+        bad = [t for t in self.logit_bias_ids() or {} if not 0 <= t < limits.vocab_size]
+        if bad:
+            raise bad_request(f"logit_bias holds token {bad[0]}, outside the vocabulary [0, {limits.vocab_size}).",
+                              "logit_bias")
+
+    def logit_bias_ids(self) -> dict[int, float] | None:
+        """logit_bias with its keys (token ids as JSON object keys) as integers."""
+        if not self.logit_bias:
+            return None
+        out = {}
+        for key, bias in self.logit_bias.items():
+            if not key.isascii() or not key.strip().isdigit():
+                raise bad_request(f"logit_bias keys must be token ids, got {key[:40]!r}.", "logit_bias")
+            out[int(key)] = bias
+        return out
 
     def _check_common(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed when stream is true.", "stream_options")
-        if self.logit_bias:
-            raise bad_request("logit_bias is not supported by this server.", "logit_bias")
+        self.logit_bias_ids()
 
     @property
     def include_usage_chunk(self) -> bool:
@@ -198,9 +223,9 @@ class _SamplingFields(_Request):
         return defaults[name]
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                         defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+                         defaults: Mapping[str, Any] | None = None, **extra: Any) -> SamplingParams:
         value = lambda name: self.sampling_value(name, defaults)  # noqa: E731
-        return SamplingParams(
+        fields: dict[str, Any] = dict(
             n=self.n,
             max_tokens=max_tokens,
             min_tokens=self.min_tokens,
@@ -218,7 +243,10 @@ class _SamplingFields(_Request):
             logprobs=logprobs,
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
+            logit_bias=self.logit_bias_ids(),
+            prompt_logprobs=self.prompt_logprobs,
         )
+        return SamplingParams(**{**fields, **extra})
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -228,27 +256,42 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: Int | None = None
     add_generation_prompt: Bool = True
     chat_template_kwargs: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Union[str, dict[str, Any], None] = None
+    tools: list[ToolParam] | None = None
+    tool_choice: Union[str, NamedToolChoice, None] = None
+    parallel_tool_calls: Bool = True
     functions: list[dict[str, Any]] | None = None
     function_call: Union[str, dict[str, Any], None] = None
-    response_format: dict[str, Any] | None = None
 
     def check_supported(self) -> None:
         self._check_common()
-        if self.tools:
-            raise bad_request("tools (function calling) are not supported by this server.", "tools")
-        if self.tool_choice not in (None, "none"):
-            raise bad_request("tool_choice other than 'none' is not supported by this server.", "tool_choice")
         if self.functions or self.function_call not in (None, "none"):
-            raise bad_request("functions / function_call are not supported by this server.", "functions")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise bad_request("response_format other than 'text' is not supported by this server.", "response_format")
+            raise bad_request("functions / function_call are deprecated and not supported: send tools.", "functions")
+        self.tool_mode()
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")
         if not self.messages:
             raise bad_request("messages must not be empty.", "messages")
         check_template_kwargs(self.chat_template_kwargs)
+
+    def tool_mode(self) -> tuple[str, list[dict[str, Any]]]:
+        """("none" | "auto" | "required" | "named", the tools in play as OpenAI function dicts);
+        a named choice leaves only its function. Checks tools and tool_choice."""
+        tools = [t.function.model_dump(exclude_none=True) for t in self.tools or []]
+        if any(t.type != "function" for t in self.tools or []):
+            raise bad_request("Only tools of type 'function' are supported.", "tools")
+        if len({t["name"] for t in tools}) != len(tools):
+            raise bad_request("Tool function names must be unique.", "tools")
+        choice = self.tool_choice if self.tool_choice is not None else ("auto" if tools else "none")
+        if isinstance(choice, NamedToolChoice):
+            named = [t for t in tools if t["name"] == choice.function.name]
+            if not named:
+                raise bad_request(f"tool_choice names {choice.function.name!r}, which is not in tools.", "tool_choice")
+            return "named", named
+        if choice not in ("none", "auto", "required"):
+            raise bad_request("tool_choice must be 'none', 'auto', 'required' or a named function.", "tool_choice")
+        if choice != "none" and not tools:
+            raise bad_request(f"tool_choice {choice!r} needs tools.", "tool_choice")
+        return choice, ([] if choice == "none" else tools)
 
     @property
     def requested_max_tokens(self) -> tuple[int | None, str]:
@@ -257,10 +300,11 @@ class ChatCompletionRequest(_SamplingFields):
             return self.max_completion_tokens, "max_completion_tokens"
         return self.max_tokens, "max_tokens"
 
-    def to_sampling_params(self, max_tokens: int, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+    def to_sampling_params(self, max_tokens: int, defaults: Mapping[str, Any] | None = None,
+                           **extra: Any) -> SamplingParams:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         try:
-            return self._sampling_params(max_tokens, logprobs, defaults)
+            return self._sampling_params(max_tokens, logprobs, defaults, **extra)
         except SamplingParamsError as e:
             param = {"logprobs": "top_logprobs", "max_tokens": self.requested_max_tokens[1]}.get(e.param, e.param)
             raise bad_request(str(e), param) from None
@@ -270,7 +314,7 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 # Keys a request may not pass to the chat template: its own template (arbitrary Jinja, whose
-# cost the server cannot bound) and features this server does not implement.
+# cost the server cannot bound), tools (the top-level field carries them) and documents.
 _REFUSED_TEMPLATE_KWARGS = ("chat_template", "tools", "documents")
 
 
@@ -292,12 +336,10 @@ class CompletionRequest(_SamplingFields):
 
     def check_supported(self) -> None:
         self._check_common()
-        if self.echo:
-            raise bad_request("echo is not supported by this server.", "echo")
-        if self.suffix:
-            raise bad_request("suffix is not supported by this server.", "suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise bad_request("best_of other than n is not supported by this server.", "best_of")
+        if self.suffix is not None and self.echo:
+            raise bad_request("echo cannot be combined with suffix (fill-in-the-middle).", "echo")
 
     def prompts(self, limits: RequestLimits | None = None) -> list[str | list[int]]:
         """The prompt field as a list of prompts (text or token ids), at most ``max_prompts``."""
@@ -313,9 +355,10 @@ class CompletionRequest(_SamplingFields):
                               "per request.", "prompt")
         return list(p)
 
-    def to_sampling_params(self, max_tokens: int, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+    def to_sampling_params(self, max_tokens: int, defaults: Mapping[str, Any] | None = None,
+                           **extra: Any) -> SamplingParams:
         try:
-            return self._sampling_params(max_tokens, self.logprobs, defaults)
+            return self._sampling_params(max_tokens, self.logprobs, defaults, **extra)
         except SamplingParamsError as e:
             raise bad_request(str(e), e.param) from None
 

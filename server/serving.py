@@ -70,6 +70,8 @@ class Finished:
 
     choices: dict[tuple[str, int], Any]  # (engine request id, choice index) -> CompletionOutput
     prompt_tokens: dict[str, int]
+    # engine request id -> prompt logprobs (None first), for requests that asked for them
+    prompt_logprobs: dict[str, list[Any]] = field(default_factory=dict)
 
     @property
     def usage(self) -> dict[str, int]:
@@ -147,6 +149,8 @@ class OpenAIServing:
         async def consume() -> None:
             async for out in stream:
                 finished.prompt_tokens[out.request_id] = len(out.prompt_token_ids)
+                if out.prompt_logprobs is not None:
+                    finished.prompt_logprobs[out.request_id] = out.prompt_logprobs
                 for c in out.outputs:
                     if c.finish_reason == "error":
                         raise EngineStepError("The engine failed while generating this response.")

@@ -90,10 +90,20 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_to
     ({"n": 0}, "n"),
     ({"messages": "hello"}, "messages"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tools": [{"type": "retrieval", "function": {"name": "f"}}]}, "tools"),
     ({"tool_choice": "auto"}, "tool_choice"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+    ({"tools": [{"function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+     "tool_choice"),
+    ({"functions": [{"name": "f"}]}, "functions"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.json_schema.schema"),
+    ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice"),
+    ({"guided_json": "not json"}, "guided_json"),
+    ({"logit_bias": {"five": 1.0}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"logit_bias": {"256": 1.0}}, "logit_bias"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "[1]"}}]}]},
+     "messages[0].tool_calls[0].function.arguments"),
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"logprobs": True, "top_logprobs": 50}, "top_logprobs"),
     ({"max_tokens": 60}, "max_tokens"),
@@ -106,7 +116,8 @@ def test_chat_bad_fields_are_400_naming_the_param(fake, change, param):
 
 
 @pytest.mark.parametrize("change, param", [
-    ({"echo": True}, "echo"), ({"suffix": "x"}, "suffix"), ({"best_of": 3}, "best_of"),
+    ({"suffix": "x"}, "suffix"), ({"echo": True, "suffix": "x"}, "echo"), ({"best_of": 3}, "best_of"),
+    ({"prompt_logprobs": 21}, "prompt_logprobs"),
     ({"prompt": [[]]}, "prompt"), ({"prompt": [1, 999]}, "prompt"),
 ])
 def test_completions_unsupported_fields_are_400(fake, change, param):
