@@ -56,7 +56,8 @@ def fim_template(tokenizer: Any) -> tuple[FimTemplate, tuple[int, int, int]] | N
 def fim_prompt_ids(tokenizer: Any, ids: tuple[int, int, int], prefix: str, suffix: str) -> list[int]:
     """``[special prefix tokens the tokenizer adds (BOS)] <P> prefix <S> suffix <M>`` as token ids."""
     def encode(text: str) -> list[int]:
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+        # split_special_tokens: a user's "<|fim_prefix|>" is text, never the control token
+        return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]) if text else []
 
     lead = list(tokenizer("", add_special_tokens=True)["input_ids"])
     return lead + [ids[0]] + encode(prefix) + [ids[1]] + encode(suffix) + [ids[2]]

@@ -68,9 +68,9 @@ def _call_from(obj: Any, args_key: str) -> ToolCall | None:
 class ToolCallParser:
     """Splits generated text into content and calls as it arrives (``feed``), then ``finish``.
 
-    Content is passed on at once except what could still be the start of a call; a
-    whitespace-only run is held until something else follows (a message that is only calls
-    has no content). A call is emitted once it is complete and parses; one that does not
+    Content is passed on at once except what could still be the start of a call and trailing
+    whitespace, which is held until something else follows and dropped when a call does (a
+    message that is only calls has no content); so every split of a text parses alike. A call is emitted once it is complete and parses; one that does not
     stays content, as text.
     """
 
@@ -88,11 +88,21 @@ class ToolCallParser:
     def _content(self, text: str) -> str:
         if not text:
             return ""
-        if not text.strip() and not self._had_content:
+        # Trailing whitespace is held: dropped if a call follows, else passed on with what follows.
+        head = text.rstrip()
+        if not head:
             self._pending_space += text
             return ""
-        out, self._pending_space = self._pending_space + text, ""
+        out, self._pending_space = self._pending_space + head, text[len(head):]
         self._had_content = True
+        return out
+
+    def _call_seen(self) -> None:
+        self._pending_space = ""  # whitespace around calls is not content
+
+    def _flush(self) -> str:
+        """Held whitespace at the end of a message with content (one with only calls has none)."""
+        out, self._pending_space = (self._pending_space if self._had_content else ""), ""
         return out
 
 
@@ -125,12 +135,13 @@ class _HermesParser(ToolCallParser):
             if call is None:
                 content.append(self._content(self.OPEN + body + self.CLOSE))
             else:
+                self._call_seen()
                 calls.append(call)
 
     def finish(self) -> tuple[str, list[ToolCall]]:
         rest = (self.OPEN if self._in_call else "") + self._buffer
         self._buffer, self._in_call = "", False
-        return self._content(rest), []
+        return self._content(rest) + self._flush(), []
 
 
 class _Llama3JsonParser(ToolCallParser):
@@ -163,7 +174,7 @@ class _Llama3JsonParser(ToolCallParser):
             calls = self._calls(text.strip().removeprefix(self.TAG))
             if calls:
                 return "", calls
-        return self._content(text), []
+        return self._content(text) + self._flush(), []
 
     @staticmethod
     def _calls(text: str) -> list[ToolCall]:
