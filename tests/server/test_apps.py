@@ -36,7 +36,7 @@ ASK_WEATHER = [{"role": "user", "content": "What is the weather like in Paris to
 class City(BaseModel):
     name: str = Field(max_length=20)  # bounded strings: the tiny model may not close a string soon
     country: str = Field(max_length=20)
-    population: int
+    population: int = Field(ge=0, le=10**9)
 
 
 @pytest.fixture(scope="module")
