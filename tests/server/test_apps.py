@@ -1,7 +1,7 @@
 """What chat, agent and code-completion apps send, through `serve-llm` on the real SmolLM2 engine
 (its own engine process) with the real clients: the `openai` SDK (structured output parsed into a
-pydantic model, tool calls over two turns, streamed tool calls), logit_bias, echo + logprobs and
-prompt_logprobs. References: jsonschema, the offline ``kiln.runtime.LLM`` on the same engine.
+pydantic model, tool calls over two turns, streamed tool calls), `langchain-openai` (structured output,
+bound tools), logit_bias, echo + logprobs and prompt_logprobs. References: jsonschema, the offline ``kiln.runtime.LLM`` on the same engine.
 """
 
 from __future__ import annotations
@@ -172,3 +172,16 @@ def test_suffix_needs_fim_tokens(server):
     r = httpx.post(server + "/v1/completions", timeout=60,
                    json={"model": MODEL, "prompt": "def f(x):", "suffix": "    return y", "max_tokens": 4})
     assert "FIM tokens" in assert_error(r, 400, "suffix")["message"]
+
+
+def test_langchain_structured_output_and_bound_tools(server):
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(model=MODEL, base_url=server + "/v1", api_key="none", temperature=0, max_tokens=60,
+                      max_retries=0)
+    city = llm.with_structured_output(City, method="json_schema").invoke("Tell me about Paris as JSON.")
+    assert isinstance(city, City)
+    message = llm.bind_tools([WEATHER], tool_choice="get_weather").invoke("What is the weather in Paris?")
+    [call] = message.tool_calls
+    assert call["name"] == "get_weather"
+    jsonschema.validate(call["args"], WEATHER["function"]["parameters"])
