@@ -234,6 +234,8 @@ class AsyncEngine:
                 if not self.engine.has_unfinished_requests():
                     # Anything put in the inbox after clear() sets _wake, so this cannot miss it.
                     self._wake.wait(0.5)
+                    # An engine process reports the effect of aborts a moment later: refresh.
+                    self.stats = self.engine.get_stats()
                     continue
                 self._step()
         except BaseException:  # the loop is gone: fail everyone, report unhealthy

@@ -10,7 +10,6 @@ the next prompt of the request).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -19,11 +18,11 @@ from typing import Any, AsyncIterator, Callable
 
 from fastapi import Request
 from fastapi.responses import Response
-from sse_starlette import EventSourceResponse
 
 from kiln.server.async_engine import (
     AsyncEngine, EngineDeadError, EngineRequest, EngineStepError, GenerationStream, QueueFullError,
 )
+from kiln.server.sse import SSEResponse, encode_event
 from kiln.server.errors import APIError, bad_request, internal_error
 from kiln.server.logprobs import TokenStrings
 from kiln.server.protocol import RequestLimits
@@ -175,26 +174,26 @@ class OpenAIServing:
             raise _unavailable(e) from None
         return finished
 
-    def sse(self, stream: GenerationStream, chunks: AsyncIterator[dict]) -> EventSourceResponse:
-        return EventSourceResponse(self._sse_events(stream, chunks), sep="\n", ping=15)
+    def sse(self, stream: GenerationStream, chunks: AsyncIterator[dict]) -> SSEResponse:
+        return SSEResponse(self._sse_events(stream, chunks), ping_s=15)
 
-    async def _sse_events(self, stream: GenerationStream, chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
+    async def _sse_events(self, stream: GenerationStream, chunks: AsyncIterator[dict]) -> AsyncIterator[bytes]:
         try:
             async for chunk in chunks:
-                yield json.dumps(chunk, ensure_ascii=False, separators=(",", ":"))
+                yield encode_event(chunk)
         except EngineStepError:
-            yield json.dumps(internal_error().body())
+            yield encode_event(internal_error().body())
         except EngineDeadError as e:
-            yield json.dumps(_unavailable(e).body())
+            yield encode_event(_unavailable(e).body())
         except APIError as e:
-            yield json.dumps(e.body())
+            yield encode_event(e.body())
         except Exception:  # noqa: BLE001 - a bug must not leave the stream open
             logger.exception("Error while streaming a response")
-            yield json.dumps(internal_error().body())
+            yield encode_event(internal_error().body())
         finally:
-            # Runs on normal end, on error and when sse-starlette cancels us after a disconnect.
+            # Runs on normal end, on error and when SSEResponse cancels us after a disconnect.
             self.ctx.engine.abort(stream)
-        yield "[DONE]"
+        yield encode_event("[DONE]")
 
 
 def _unavailable(error: EngineDeadError) -> APIError:
