@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +170,50 @@ def run_latency(args: argparse.Namespace) -> BenchResult:
         "decode_tok_s_best": decode_rates[-1],
     }
     return BenchResult("latency", figures, _device_name(), args.engine, run_settings(args, engine))
+
+
+class AcceptanceControlledProposer:
+    """A BENCHMARK TOOL, never used for serving: drafts with a chosen acceptance rate.
+
+    It proposes the target's own greedy continuation, recorded by a plain run first
+    (``continuations[request_id]`` = that request's whole output), keeping each draft token
+    with probability ``keep`` and replacing it by another token otherwise, so a greedy
+    request accepts ``keep``-geometric runs of drafts. With ``inner`` (a real proposer, e.g.
+    a draft model) that proposer runs first, for its cost only: its tokens are discarded.
+    """
+
+    def __init__(self, continuations: dict[str, list[int]], keep: float, vocab_size: int, seed: int = 0,
+                 inner: Any = None) -> None:
+        import numpy as np
+
+        self.continuations, self.keep, self.vocab_size, self.inner = continuations, keep, vocab_size, inner
+        self._rng = np.random.default_rng(seed)
+        self._batch = None
+
+    def bind(self, input_batch: Any) -> None:
+        self._batch = input_batch
+        if self.inner is not None:
+            self.inner.bind(input_batch)
+
+    def propose(self, wanted: dict[str, int]) -> dict[str, list[int]]:
+        if self.inner is not None:
+            self.inner.propose(wanted)
+        batch, drafts = self._batch, {}
+        for request_id, k in wanted.items():
+            state = batch.requests.get(request_id)
+            recorded = self.continuations.get(request_id)
+            if state is None or recorded is None:
+                continue
+            done = int(batch.num_tokens[state.row] - batch.num_prompt[state.row])
+            tokens = list(recorded[done: done + k])
+            wrong = self._rng.random(len(tokens)) >= self.keep
+            shift = self._rng.integers(1, self.vocab_size, size=len(tokens))
+            drafts[request_id] = [(t + int(s)) % self.vocab_size if w else t for t, w, s in zip(tokens, wrong, shift)]
+        return {r: d for r, d in drafts.items() if d}
+
+    def shutdown(self) -> None:
+        if self.inner is not None:
+            self.inner.shutdown()
 
 
 def _commit() -> str:

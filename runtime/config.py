@@ -19,6 +19,8 @@ _DEVICES = ("auto", "cpu", "cuda")
 _ATTENTION_BACKENDS = ("auto", "triton", "torch")
 _CAPACITY_POLICIES = ("guaranteed_no_evict", "max_utilization")
 _DTYPES = ("float32", "float16", "bfloat16")
+# "external": drafts come from a proposer object handed to LLMEngine (benchmarks, tests).
+SPECULATIVE_METHODS = ("ngram", "draft", "external")
 
 
 class EngineConfigError(ValueError):
@@ -50,6 +52,14 @@ class EngineConfig:
     seed: int = 0
     # GPU index of each tensor-parallel rank (rank r runs on cuda:devices[r]); None = 0..tp-1.
     devices: tuple[int, ...] | None = None
+    # Speculative decoding (DESIGN.md "Speculative decoding"); off unless ``speculative`` is set.
+    speculative: str | None = None  # "ngram" (prompt lookup) | "draft" (a smaller engine)
+    num_speculative_tokens: int = 4  # K: draft tokens per request and step
+    ngram_min: int = 2  # n-gram lookup: shortest suffix matched
+    ngram_max: int = 4  # longest suffix matched (tried first)
+    draft_engine: str | None = None  # the draft engine directory ("draft")
+    speculative_max_batch_size: int = 8  # nobody speculates while more requests run
+    speculative_min_acceptance: float = 0.3  # a request averaging fewer accepted drafts per step pauses
 
     def __post_init__(self) -> None:
         device = str(self.device)
@@ -76,6 +86,28 @@ class EngineConfig:
             object.__setattr__(self, "devices", devices)
         if self.max_model_len is not None and self.max_model_len < 1:
             raise EngineConfigError(f"max_model_len must be a positive integer, got {self.max_model_len!r}")
+        self._check_speculative()
+
+    def _check_speculative(self) -> None:
+        if self.speculative is not None and self.speculative not in SPECULATIVE_METHODS:
+            raise EngineConfigError(
+                f"speculative must be one of {SPECULATIVE_METHODS[:2]} (or unset), got {self.speculative!r}")
+        for name in ("num_speculative_tokens", "ngram_min", "ngram_max", "speculative_max_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise EngineConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.ngram_min > self.ngram_max:
+            raise EngineConfigError(f"ngram_min ({self.ngram_min}) must not exceed ngram_max ({self.ngram_max})")
+        if not isinstance(self.speculative_min_acceptance, (int, float)) or self.speculative_min_acceptance < 0:
+            raise EngineConfigError(
+                f"speculative_min_acceptance must be a number >= 0, got {self.speculative_min_acceptance!r}")
+        if (self.speculative == "draft") != (self.draft_engine is not None):
+            raise EngineConfigError("draft_engine is needed with speculative='draft', and only with it")
+
+    @property
+    def spec_tokens(self) -> int:
+        """K when speculative decoding is on, else 0."""
+        return self.num_speculative_tokens if self.speculative is not None else 0
 
     @property
     def torch_device(self) -> torch.device:

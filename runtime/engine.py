@@ -29,6 +29,7 @@ from kiln.runtime.executor import Executor, FatalEngineError, make_executor
 from kiln.runtime.model_runner import EngineShutDownError, ModelRunner, StepHandle
 from kiln.runtime.outputs import (CompletionOutput, EngineStats, RequestMetrics, RequestOutput, SequenceTracker,
                                   merge_completions)
+from kiln.runtime.proposers import Proposer, make_proposer
 from kiln.scheduler import RequestRejected, Scheduler, SchedulerConfig
 from kiln.scheduler.interface import RunnerOutput, SchedulerOutput
 from kiln.scheduler.request import Request, RequestStatus
@@ -65,15 +66,24 @@ class LLMEngine:
     no request and ``add_request`` / ``step`` raise ``EngineShutDownError``.
     """
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, proposer: Proposer | None = None) -> None:
         self.config = config
         # Not kept: its memory-mapped tensors are only read while rank 0's runner builds the model.
         loaded_engine = load_engine(config.engine_dir, rank=0)
         self.model_config = loaded_engine.model_config
         self.tokenizer = _load_tokenizer(Path(loaded_engine.path))
         self.eos_token_ids = _eos_token_ids(Path(loaded_engine.path), self.tokenizer)
-        self.executor: Executor = make_executor(config, loaded_engine)
+        # Before the target's runner: a draft model's memory must be taken before the KV cache's.
+        self.proposer = make_proposer(config, self.tokenizer, self.model_config, proposer)
+        try:
+            self.executor: Executor = make_executor(config, loaded_engine)
+        except BaseException:
+            if self.proposer is not None:
+                self.proposer.shutdown()
+            raise
         del loaded_engine
+        if self.proposer is not None:
+            self.proposer.bind(self.runner.input_batch)
         self.max_model_len = self.executor.max_model_len
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -84,6 +94,9 @@ class LLMEngine:
                 max_model_len=self.max_model_len,
                 capacity_policy=config.capacity_policy,
                 enable_prefix_caching=config.enable_prefix_caching,
+                num_speculative_tokens=config.spec_tokens,
+                speculative_max_batch_size=config.speculative_max_batch_size,
+                speculative_min_acceptance=config.speculative_min_acceptance,
             )
         )
         self._parents: dict[str, _ParentRequest] = {}
@@ -122,6 +135,8 @@ class LLMEngine:
             self.abort_request(request_id)
         self._in_flight = None
         self.executor.shutdown()
+        if self.proposer is not None:
+            self.proposer.shutdown()
 
     def __enter__(self) -> LLMEngine:
         return self
@@ -229,11 +244,23 @@ class LLMEngine:
         that launched N, as soon as N is done on the device (that call first queues N+1, so
         the device stays busy). A request that ends on EOS or a stop string has had one more
         step queued by then: the token it samples is dropped.
+
+        Speculative decoding: a step holding speculating requests (``synchronous``) is
+        collected and updated before the next plan (which depends on how many drafts were
+        accepted), and drafts are proposed in between; its outputs are still built while the
+        device runs the next step.
         """
         self._check_running()
+        touched: dict[str, dict[int, CompletionOutput]] = {}
+        settled = None
+        if self._in_flight is not None and self._in_flight[0].synchronous:
+            settled, self._in_flight = self._settle(*self._in_flight), None
+        if self.proposer is not None:
+            self._propose()
         scheduler_output = self.scheduler.schedule()
         handle = self._launch(scheduler_output)
-        touched: dict[str, dict[int, CompletionOutput]] = {}
+        if settled is not None:
+            self._process_all(*settled, touched)
         previous, self._in_flight = self._in_flight, None
         if previous is not None:
             self._finish_step(*previous, touched)
@@ -246,9 +273,26 @@ class LLMEngine:
     def _finish_step(self, scheduler_output: SchedulerOutput, handle: StepHandle,
                      touched: dict[str, dict[int, CompletionOutput]]) -> None:
         """Collect a launched step, give its results to the scheduler, build the outputs."""
+        self._process_all(*self._settle(scheduler_output, handle), touched)
+
+    def _settle(self, scheduler_output: SchedulerOutput, handle: StepHandle) -> tuple[list[Request], RunnerOutput]:
+        """Collect a launched step and give its results to the scheduler."""
         runner_output = self._collect(handle, scheduler_output)
-        changed = self.scheduler.update(scheduler_output, runner_output)
-        self._process_all(changed, runner_output, touched)
+        return self.scheduler.update(scheduler_output, runner_output), runner_output
+
+    def _propose(self) -> None:
+        """Draft tokens for the speculating requests the next plan may verify. A failing
+        proposer costs speed, not requests: they go on without drafts."""
+        wanted = self.scheduler.draft_requests()
+        try:
+            drafts = self.proposer.propose(wanted)
+        except FatalEngineError:
+            raise
+        except Exception:
+            logger.exception("draft proposal failed for %d requests; they run without drafts", len(wanted))
+            return
+        if drafts:
+            self.scheduler.set_draft_tokens(drafts)
 
     def _process_all(self, requests: list[Request], runner_output: RunnerOutput | None,
                      touched: dict[str, dict[int, CompletionOutput]]) -> None:
@@ -352,6 +396,7 @@ class LLMEngine:
             prefix_cache_queries=stats.prefix_cache_queries,
             prefix_cache_hits=stats.prefix_cache_hits,
             num_preemptions=stats.num_preemptions,
+            spec_decode=stats.spec_decode,
             prompt_tokens=self._num_prompt_tokens,
             generation_tokens=self._num_generation_tokens,
             num_failed_steps=self._num_failed_steps,
