@@ -69,6 +69,7 @@ def _synthetic_prompts(num: int, isl: int, vocab_size: int, seed: int) -> list[l
 
 def _make_engine(args: argparse.Namespace):
     from kiln.runtime import LLMEngine
+    from kiln.runtime.config import SPECULATIVE_OPTIONS
 
     options = {k: v for k, v in {
         "max_batch_size": args.max_batch_size,
@@ -77,13 +78,23 @@ def _make_engine(args: argparse.Namespace):
         "capacity_policy": args.capacity_policy,
         "enforce_eager": args.enforce_eager or None,
         "device": args.device,
+        **{name: getattr(args, name) for name in SPECULATIVE_OPTIONS},
     }.items() if v is not None}
     return LLMEngine.from_engine_dir(args.engine, **options)
 
 
+def _spec_figures(engine) -> dict[str, float]:
+    """Mean acceptance length (tokens per verify step) when the engine speculates."""
+    if not engine.config.spec_tokens:
+        return {}
+    spec = engine.get_stats().spec_decode
+    return {"mean_acceptance_length": spec.mean_acceptance_length, "draft_tokens": spec.num_draft_tokens,
+            "accepted_tokens": spec.num_accepted_tokens}
+
+
 _WORKLOAD_ARGS = ("isl", "osl", "num_requests", "iterations", "warmup", "seed")
 _ENGINE_FIELDS = ("max_batch_size", "max_num_tokens", "capacity_policy", "enable_prefix_caching", "enforce_eager",
-                  "attention_backend", "kv_cache_fraction")
+                  "attention_backend", "kv_cache_fraction", "speculative")
 
 
 def run_settings(args: argparse.Namespace, engine) -> dict[str, object]:
@@ -92,6 +103,8 @@ def run_settings(args: argparse.Namespace, engine) -> dict[str, object]:
     settings["device"] = str(engine.config.torch_device)
     settings["dtype"] = str(engine.config.compute_dtype(engine.model_config.dtype)).removeprefix("torch.")
     settings.update({k: getattr(engine.config, k) for k in _ENGINE_FIELDS})
+    if engine.config.speculative:
+        settings["num_speculative_tokens"] = engine.config.num_speculative_tokens
     runner = getattr(engine, "runner", None)
     if runner is not None:
         settings["kv_cache_tokens"] = runner.num_blocks * runner.block_size
@@ -124,6 +137,7 @@ def run_throughput(args: argparse.Namespace) -> BenchResult:
         "total_s": elapsed,
         "steps": steps,
         "peak_gpu_gib": _peak_gpu_gib(),
+        **_spec_figures(engine),
     }
     return BenchResult("throughput", figures, _device_name(), args.engine, run_settings(args, engine))
 
@@ -168,6 +182,7 @@ def run_latency(args: argparse.Namespace) -> BenchResult:
         "ttft_ms_p50": 1000 * ttfts[len(ttfts) // 2],
         "decode_tok_s_p50": decode_rates[len(decode_rates) // 2],
         "decode_tok_s_best": decode_rates[-1],
+        **_spec_figures(engine),
     }
     return BenchResult("latency", figures, _device_name(), args.engine, run_settings(args, engine))
 
@@ -259,6 +274,9 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
                         "while blocks last and preempt when they run out")
     p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    from kiln.runtime.config import add_speculative_arguments
+
+    add_speculative_arguments(p.add_argument_group("speculative decoding (off by default)"))
     p.add_argument("--record", nargs="?", const=str(REPO_ROOT / "BENCHMARKS.md"), metavar="FILE",
                    help="append a row to the performance history in BENCHMARKS.md (or FILE)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")

@@ -21,6 +21,9 @@ _CAPACITY_POLICIES = ("guaranteed_no_evict", "max_utilization")
 _DTYPES = ("float32", "float16", "bfloat16")
 # "external": drafts come from a proposer object handed to LLMEngine (benchmarks, tests).
 SPECULATIVE_METHODS = ("ngram", "draft", "external")
+# The EngineConfig fields of speculative decoding (flags of serve-llm and bench-llm, YAML keys).
+SPECULATIVE_OPTIONS = ("speculative", "num_speculative_tokens", "ngram_min", "ngram_max", "draft_engine",
+                       "speculative_max_batch_size", "speculative_min_acceptance")
 
 
 class EngineConfigError(ValueError):
@@ -144,3 +147,19 @@ class EngineConfig:
                 f"max_model_len ({self.max_model_len}) exceeds the model's max_position_embeddings ({limit})"
             )
         return self.max_model_len
+
+
+def add_speculative_arguments(g: Any) -> None:
+    """The speculative-decoding flags (EngineConfig fields), shared with bench-llm; None = not given."""
+    g.add_argument("--speculative", choices=["ngram", "draft"],
+                   help="ngram: drafts looked up in the request's own tokens (prompt lookup); draft: drafts "
+                        "from a smaller engine with the same tokenizer (--draft-engine)")
+    g.add_argument("--num-speculative-tokens", type=int, metavar="K", help="draft tokens per step (default 4)")
+    g.add_argument("--ngram-min", type=int, metavar="N", help="shortest suffix n-gram matched (default 2)")
+    g.add_argument("--ngram-max", type=int, metavar="M", help="longest suffix n-gram matched (default 4)")
+    g.add_argument("--draft-engine", metavar="DIR", help="the draft engine directory (--speculative draft)")
+    g.add_argument("--speculative-max-batch-size", type=int, metavar="B",
+                   help="no speculation while more requests run (default 8)")
+    g.add_argument("--speculative-min-acceptance", type=float, metavar="A",
+                   help="a request averaging fewer accepted drafts per step pauses speculating (default 0.3)")
+

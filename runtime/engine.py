@@ -113,9 +113,9 @@ class LLMEngine:
         )
 
     @classmethod
-    def from_engine_dir(cls, engine_dir: str | Path, **options: Any) -> LLMEngine:
+    def from_engine_dir(cls, engine_dir: str | Path, proposer: Proposer | None = None, **options: Any) -> LLMEngine:
         """Build an engine from a directory; options are EngineConfig fields."""
-        return cls(EngineConfig(engine_dir=str(engine_dir), **options))
+        return cls(EngineConfig(engine_dir=str(engine_dir), **options), proposer=proposer)
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer

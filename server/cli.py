@@ -19,6 +19,7 @@ from types import FrameType
 from typing import Any
 
 from kiln.engine_builder.options import add_build_options, build_kwargs
+from kiln.runtime.config import add_speculative_arguments
 from kiln.server.config import API_KEY_ENV, ServerConfig, ServerConfigError, build_config, load_yaml
 from kiln.server.launch import bind_socket, exit_on_sigterm, resolve_engine
 
@@ -85,6 +86,7 @@ def _make_parser() -> tuple[argparse.ArgumentParser, tuple[str, ...]]:
     e.add_argument("--devices", metavar="0,1",
                    help="GPU of each tensor-parallel rank (default 0..tp-1, within CUDA_VISIBLE_DEVICES); "
                         "the engine's tp comes from the engine directory")
+    add_speculative_arguments(p.add_argument_group("speculative decoding (off by default)"))
     return p, add_build_options(p, "build options (when SOURCE is a model to build; as build-llm's)")
 
 
