@@ -129,7 +129,7 @@ class InputBatch(VerifyInputs):
         self.free_rows = list(range(max_batch_size - 1, -1, -1))
         max_rows = max_batch_size * (1 + self.spec_k)  # a verify step: 1 + K tokens and logits per request
         self.staging = Staging(max(max_num_tokens, max_rows), max_batch_size, self.max_blocks_per_seq, device,
-                               max_logits=max_rows)
+                               max_logits=max_rows, max_verify=max_batch_size * (2 * self.spec_k + 2))
         self.num_spec = np.zeros(max_batch_size, dtype=np.int64)  # draft tokens of this step, per row
         self.has_spec = False
         self.verify_qsl = torch.arange(max_batch_size + 1, dtype=torch.int32, device=device) * (1 + self.spec_k)
@@ -294,6 +294,9 @@ class InputBatch(VerifyInputs):
         sampled = np.flatnonzero(seq_lens >= self.num_tokens[rows] + self.num_pending[rows])
         num_tokens = int(counts.sum())
         spec = self.num_spec[rows] if self.has_spec else None
+        verify = None
+        if spec is not None and spec[sampled].any():  # staged first: copied with the inputs
+            verify = self._stage_verify(rows[sampled], spec[sampled])
         if spec is None and num_tokens == len(order) == len(sampled):  # decode only
             inputs = self._decode_inputs(rows, starts, graph_sizes)
         elif spec is not None and self._fits_verify_graph(counts, sampled, verify_sizes):
@@ -302,8 +305,8 @@ class InputBatch(VerifyInputs):
             inputs = self._mixed_inputs(rows, starts, counts, seq_lens, sampled, spec)
         sampled_ids = order if len(sampled) == len(order) else [order[i] for i in sampled]
         sampled_rows = rows[sampled]
-        if spec is not None and spec[sampled].any():
-            return inputs, self._verify_sampling_batch(sampled_ids, sampled_rows, spec[sampled]), sampled_rows
+        if verify is not None:
+            return inputs, self._verify_sampling_batch(sampled_ids, sampled_rows, spec[sampled], *verify), sampled_rows
         return inputs, self._sampling_batch(sampled_ids, sampled_rows), sampled_rows
 
     def _mixed_inputs(self, rows: np.ndarray, starts: np.ndarray, counts: np.ndarray, seq_lens: np.ndarray,

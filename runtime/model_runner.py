@@ -290,8 +290,11 @@ class ModelRunner:
             raise EngineShutDownError("the model runner was shut down")
         if len(self._unresolved) >= _MAX_IN_FLIGHT:
             self._resolve(self._unresolved[0])
-        if any(h.verify for h in self._unresolved):
-            self._resolve_all()  # a verify step's token count decides where its rows go on
+        if self._unresolved and (scheduler_output.spec_token_ids or any(h.verify for h in self._unresolved)):
+            # Drafts go after a row's tokens, and a verify step's token count decides where its
+            # rows go on: both need the rows up to date (tensor-parallel workers get here with
+            # the previous step uncollected; rank 0 has collected it already).
+            self._resolve_all()
         failed = batch.apply(scheduler_output)
         failed |= batch.check_scheduled(scheduler_output)
         for request_id in failed:

@@ -18,9 +18,11 @@ class Staging:
     """
 
     def __init__(self, max_tokens: int, max_reqs: int, max_blocks_per_seq: int, device: torch.device,
-                 max_logits: int | None = None) -> None:
-        # max_logits: logits rows of a step (one per request, 1 + K per verifying request).
+                 max_logits: int | None = None, max_verify: int = 0) -> None:
+        # max_logits: logits rows of a step (one per request, 1 + K per verifying request);
+        # max_verify: the verify step's packed drafts (runtime/verify.py VerifyBatch.pack).
         regions = [("seq_lens", torch.int32, max_reqs), ("query_start_loc", torch.int32, max_reqs + 1),
+                   ("verify", torch.int64, max_verify),
                    ("logits_indices", torch.int64, max_logits or max_reqs), ("sample_rows", torch.int64, max_reqs),
                    ("fill_index", torch.int64, max_reqs), ("fill_rows", torch.int64, max_reqs),
                    ("input_ids", torch.int64, max_tokens),

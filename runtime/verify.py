@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kiln.runtime.sampler import LogprobsTensors, Sampler, SamplingMetadata, _to_device, exponential_race
+from kiln.runtime.sampler import LogprobsTensors, Sampler, SamplingMetadata, exponential_race
 
 
 @dataclass
@@ -47,17 +47,28 @@ class VerifyBatch:
     num_drafts_t: torch.Tensor  # [S] int64, on the device
     generators: dict[int, torch.Generator]  # request s -> its seeded generator (random rows only)
 
-    @classmethod
-    def build(cls, num_drafts: np.ndarray, drafts: np.ndarray, generators: dict[int, torch.Generator],
-              device: torch.device) -> VerifyBatch:
-        """From the host counts and the [S, K] draft ids (the flat logits hold 1 + n rows
-        per request, in order)."""
+    @staticmethod
+    def pack(num_drafts: np.ndarray, drafts: np.ndarray) -> np.ndarray:
+        """[S, 2K + 2] int64: ``index``, the drafts, their count (one host-to-device copy).
+        ``drafts`` is [S, K]; the flat logits hold 1 + n rows per request, in order."""
         starts = np.concatenate(([0], np.cumsum(num_drafts + 1)[:-1]))
         k = drafts.shape[1]
         index = starts[:, None] + np.minimum(np.arange(k + 1)[None, :], num_drafts[:, None])
-        packed = np.concatenate((index, drafts, num_drafts[:, None]), axis=1).astype(np.int64)
-        t = _to_device(torch.from_numpy(packed), device)  # one copy
-        return cls(num_drafts, t[:, k + 1: 2 * k + 1], t[:, : k + 1], t[:, -1], generators)
+        return np.concatenate((index, drafts, num_drafts[:, None]), axis=1).astype(np.int64)
+
+    @classmethod
+    def from_packed(cls, num_drafts: np.ndarray, packed: torch.Tensor,
+                    generators: dict[int, torch.Generator]) -> VerifyBatch:
+        """From ``pack``'s array, already on the device."""
+        k = (packed.shape[1] - 2) // 2
+        return cls(num_drafts, packed[:, k + 1: 2 * k + 1], packed[:, : k + 1], packed[:, -1], generators)
+
+    @classmethod
+    def build(cls, num_drafts: np.ndarray, drafts: np.ndarray, generators: dict[int, torch.Generator],
+              device: torch.device) -> VerifyBatch:
+        """From host arrays (tests; the runner stages ``pack`` with the step's inputs)."""
+        packed = torch.from_numpy(cls.pack(num_drafts, drafts)).to(device)
+        return cls.from_packed(num_drafts, packed, generators)
 
 
 @dataclass

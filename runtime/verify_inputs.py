@@ -149,7 +149,18 @@ class VerifyInputs:
             graph_query_len=q,
         )
 
-    def _verify_sampling_batch(self, request_ids: list[str], rows: np.ndarray, spec: np.ndarray) -> SamplingBatch:
+    def _stage_verify(self, rows: np.ndarray, spec: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        """The sampled rows' drafts ([S, K], K = the most any carries) and their packed device
+        form (staged: it travels with the step's inputs)."""
+        base = self.num_tokens[rows] + self.num_pending[rows]
+        cols = np.arange(int(spec.max()))
+        has = cols[None, :] < spec[:, None]
+        drafts = np.where(has, self.token_ids[rows[:, None], np.minimum(base[:, None] + cols, self.max_model_len)], 0)
+        packed = VerifyBatch.pack(spec, drafts)
+        return drafts, self.staging.stage("verify", packed).view(packed.shape)
+
+    def _verify_sampling_batch(self, request_ids: list[str], rows: np.ndarray, spec: np.ndarray,
+                               drafts: np.ndarray, packed: torch.Tensor) -> SamplingBatch:
         """Sampling settings over the 1 + drafts logits rows of each request (position i of a
         request counts its drafts before i as outputs: penalties, min_tokens) and its drafts."""
         from kiln.runtime.input_batch import SamplingBatch
@@ -160,10 +171,6 @@ class VerifyInputs:
         offset = np.arange(len(flat_rows)) - np.repeat(np.cumsum(reps) - reps, reps)
         base = self.num_tokens[rows] + self.num_pending[rows]
         num_outputs = np.repeat(base - self.num_prompt[rows], reps) + offset
-        k = int(spec.max())
-        cols = np.arange(k)
-        has = cols[None, :] < spec[:, None]
-        drafts = np.where(has, self.token_ids[rows[:, None], np.minimum(base[:, None] + cols, self.max_model_len)], 0)
         requests = self.requests
         generators = {i: requests[r].generator for i, r in enumerate(request_ids)
                       if requests[r].generator is not None and not sampling.greedy[rows[i]]}
@@ -172,7 +179,7 @@ class VerifyInputs:
             prompt_ids, output_ids = self._flat_penalty_ids(rows, reps, drafts)
             metadata = sampling.metadata(flat_rows, [None] * len(flat_rows), prompt_ids, output_ids,
                                          self.vocab_size, self.device, num_outputs)
-        verify = VerifyBatch.build(spec, drafts, generators, self.device)
+        verify = VerifyBatch.from_packed(spec, packed, generators)
         return SamplingBatch(request_ids, metadata, sampling.logprobs[rows], verify)
 
     def _flat_penalty_ids(self, rows: np.ndarray, reps: np.ndarray, drafts: np.ndarray
