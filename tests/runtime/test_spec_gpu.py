@@ -20,6 +20,19 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyEngine:
     return make_tiny_engine("qwen3", tmp_path_factory.mktemp("spec-gpu"))
 
 
+def run_then_shut_down(engine, prompts: list[list[int]], new_tokens: int, check=None) -> tuple[dict, object]:
+    """Greedy outputs by request id and the speculation counters; the engine is freed after."""
+    try:
+        if check is not None:
+            check(engine)
+        for i, prompt in enumerate(prompts):
+            engine.add_request(f"r{i}", prompt, greedy(new_tokens))
+        outputs = {rid: out.outputs[0].token_ids for rid, out in drain(engine).items()}
+        return outputs, engine.get_stats().spec_decode
+    finally:
+        engine.shutdown()
+
+
 @pytest.mark.parametrize("num_requests", [1, 3, 6])
 def test_verify_graphs_keep_greedy_outputs(tiny: TinyEngine, num_requests: int) -> None:
     prompts = random_prompts(60 + num_requests, [5, 9, 3, 12, 7, 4][:num_requests], tiny.vocab_size)
@@ -27,18 +40,15 @@ def test_verify_graphs_keep_greedy_outputs(tiny: TinyEngine, num_requests: int) 
     proposer = AcceptanceControlledProposer(expected, 0.6, tiny.vocab_size, seed=num_requests)
     engine = tiny.engine(speculative="external", proposer=proposer, num_speculative_tokens=3, **GPU_OPTIONS)
     replayed: list[int] = []
-    try:
+
+    def count_replays(engine) -> None:
         graphs = engine.runner.verify_graphs
         assert graphs is not None and graphs.graphs, "verify graphs were not captured"
         replay = graphs.replay
         graphs.replay = lambda size: replayed.append(size) or replay(size)
-        for i, prompt in enumerate(prompts):
-            engine.add_request(f"r{i}", prompt, greedy(24))
-        outputs = drain(engine)
-        stats = engine.get_stats().spec_decode
-    finally:
-        engine.shutdown()
-    assert {rid: out.outputs[0].token_ids for rid, out in outputs.items()} == expected
+
+    outputs, stats = run_then_shut_down(engine, prompts, 24, count_replays)
+    assert outputs == expected
     assert replayed and 0 < stats.num_accepted_tokens < stats.num_draft_tokens
 
 
@@ -46,14 +56,8 @@ def test_draft_model_with_its_own_graphs(tiny: TinyEngine) -> None:
     prompts = random_prompts(70, [6, 11], tiny.vocab_size)
     engine = tiny.engine(speculative="draft", draft_engine=str(tiny.engine_dir), num_speculative_tokens=4,
                          **GPU_OPTIONS)
-    try:
-        assert engine.proposer.runner.graphs is not None
-        for i, prompt in enumerate(prompts):
-            engine.add_request(f"r{i}", prompt, greedy(20))
-        outputs = drain(engine)
-        stats = engine.get_stats().spec_decode
-    finally:
-        engine.shutdown()
+    outputs, stats = run_then_shut_down(engine, prompts, 20,
+                                        lambda e: e.proposer.runner.graphs is not None or pytest.fail("no draft graphs"))
     for i, prompt in enumerate(prompts):
-        assert outputs[f"r{i}"].outputs[0].token_ids == tiny.hf_greedy(prompt, 20)
+        assert outputs[f"r{i}"] == tiny.hf_greedy(prompt, 20)
     assert stats.num_accepted_tokens == stats.num_draft_tokens > 0  # it drafts for itself
