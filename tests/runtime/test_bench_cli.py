@@ -37,12 +37,28 @@ def test_throughput_counts_every_output_token(tiny_engine: Path, capsys: pytest.
     assert figures["requests_s"] * figures["total_s"] == pytest.approx(6, rel=1e-6)
 
 
-def test_latency_reports_ttft_and_decode_rate(tiny_engine: Path, capsys: pytest.CaptureFixture[str]) -> None:
+class _TickingClock:
+    """perf_counter that advances 0.25 s per call: each iteration reads it at the start, at the
+    first token and at the end, so TTFT is 250 ms and decoding the other tokens takes 0.25 s."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 0.25
+        return self.now
+
+
+def test_latency_reports_ttft_and_decode_rate(tiny_engine: Path, capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench, "time", _TickingClock())
     args = ["latency", str(tiny_engine), "--isl", "8", "--osl", "6", "--iterations", "2", "--device", "cpu", "--json"]
     assert bench.main(args) == 0
     figures = json.loads(capsys.readouterr().out.splitlines()[0])["figures"]
-    assert figures["ttft_ms_p50"] > 0 and figures["decode_tok_s_p50"] > 0
-    assert figures["decode_tok_s_best"] >= figures["decode_tok_s_p50"]
+    assert figures["ttft_ms_p50"] == pytest.approx(250)
+    # 6 tokens: the first is the TTFT, the 5 others decode in 0.25 s.
+    assert figures["decode_tok_s_p50"] == pytest.approx(5 / 0.25)
+    assert figures["decode_tok_s_best"] == pytest.approx(5 / 0.25)
 
 
 def test_latency_with_speculation_prints_the_mean_acceptance_length(tiny_engine: Path,

@@ -23,7 +23,9 @@ def test_graph_batch_sizes() -> None:
     assert graph_batch_sizes(12) == [1, 2, 4, 8, 12]
     sizes = graph_batch_sizes(256)
     assert sizes[:5] == [1, 2, 4, 8, 16] and sizes[-1] == 256 and all(b % 8 == 0 for b in sizes[3:])
-    assert graph_memory_estimate(100, [1, 2], 4, 2) > 100 + 3 * 4 * 2
+    # activations + every graph's [size, hidden] output + a driver allowance per graph
+    assert graph_memory_estimate(100, [1, 2], 4, 2) == 100 + (1 + 2) * 4 * 2 + 2 * (4 << 20)
+    assert graph_memory_estimate(0, [8], 16, 4) == 8 * 16 * 4 + (4 << 20)
 
 
 def run_decode_schedule(runner: ModelRunner, num_decode_steps: int) -> list[Seq]:

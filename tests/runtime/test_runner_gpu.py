@@ -46,8 +46,25 @@ def _check_greedy(runner: ModelRunner, hf: torch.nn.Module, dtype: str) -> None:
     sched.run(runner, [(a, 5), (b, 6)])
     for _ in range(5):
         sched.run(runner, [(b, 1), (a, 1)])
-    if dtype == "float32":
-        assert a.outputs == hf_greedy(hf, a.prompt, 6)
-        assert b.outputs == hf_greedy(hf, b.prompt, 6)
-    else:  # bf16 may flip a near-tie; the first token of a clear prompt must agree
-        assert len(a.outputs) == 6 and a.outputs[0] == hf_greedy(hf, a.prompt, 1)[0]
+    for seq in (a, b):
+        if dtype == "float32":
+            assert seq.outputs == hf_greedy(hf, seq.prompt, 6)
+        else:
+            assert_near_greedy(hf, seq.prompt, seq.outputs, tolerance=BF16_LOGIT_TOLERANCE)
+
+
+# bf16 logits of these tiny models differ from fp32 by up to ~0.03; a wrong token (a real
+# regression) is typically several logits below the argmax.
+BF16_LOGIT_TOLERANCE = 0.1
+
+
+def assert_near_greedy(hf: torch.nn.Module, prompt: list[int], outputs: list[int], tolerance: float) -> None:
+    """Every token of a bf16 greedy continuation is the float32 model's argmax, or within
+    ``tolerance`` of it (a near-tie bf16 may flip), given the same preceding tokens: the whole
+    sequence is checked, and a flip that is not a near-tie fails at its position."""
+    assert len(outputs) == 6
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt + outputs])).logits[0, len(prompt) - 1 : -1].float()
+    chosen = logits.gather(1, torch.tensor(outputs)[:, None])[:, 0]
+    gaps = logits.max(dim=1).values - chosen
+    assert (gaps <= tolerance).all(), f"tokens {outputs} are below the fp32 argmax by {gaps.tolist()}"
