@@ -22,16 +22,11 @@ if TYPE_CHECKING:
 KV_CACHE_DTYPES = ("auto", "model", "fp8")
 _DEVICES = ("auto", "cpu", "cuda")
 _ATTENTION_BACKENDS = ("auto", "triton", "torch")
-<<<<<<< HEAD
-_CAPACITY_POLICIES = ("guaranteed_no_evict", "max_utilization")
-_DTYPES = ("float32", "float16", "bfloat16")
 # "external": drafts come from a proposer object handed to LLMEngine (benchmarks, tests).
 SPECULATIVE_METHODS = ("ngram", "draft", "external")
 # The EngineConfig fields of speculative decoding (flags of serve-llm and bench-llm, YAML keys).
 SPECULATIVE_OPTIONS = ("speculative", "num_speculative_tokens", "ngram_min", "ngram_max", "draft_engine",
                        "speculative_max_batch_size", "speculative_min_acceptance")
-=======
->>>>>>> main
 
 
 class EngineConfigError(ValueError):

@@ -27,12 +27,9 @@ import torch
 from kiln.runtime.attention import AttentionMetadata
 from kiln.runtime.sampler import SamplingMetadata, SamplingRows
 from kiln.runtime.staging import Staging
-<<<<<<< HEAD
 from kiln.runtime.verify import VerifyBatch
 from kiln.runtime.verify_inputs import VerifyInputs, logits_rows
-=======
 from kiln.scheduler.block_manager import cdiv
->>>>>>> main
 from kiln.scheduler.interface import SchedulerOutput
 from kiln.scheduler.sampling_params import SamplingParams
 
@@ -123,13 +120,9 @@ class InputBatch(VerifyInputs):
         self.max_batch_size, self.max_model_len = max_batch_size, max_model_len
         self.block_size, self.num_blocks, self.vocab_size = block_size, num_blocks, vocab_size
         self.device = device
-<<<<<<< HEAD
         # A padded verify row reads K positions past its tokens: its table must reach them.
         self.spec_k = num_speculative_tokens
-        self.max_blocks_per_seq = -(-(max_model_len + 1 + self.spec_k) // block_size)
-=======
-        self.max_blocks_per_seq = cdiv(max_model_len + 1, block_size)
->>>>>>> main
+        self.max_blocks_per_seq = cdiv(max_model_len + 1 + self.spec_k, block_size)
         self.token_ids = np.zeros((max_batch_size, max_model_len + 1), dtype=np.int64)
         self.block_table = np.zeros((max_batch_size, self.max_blocks_per_seq), dtype=np.int32)
         self.num_tokens = np.zeros(max_batch_size, dtype=np.int64)
@@ -177,7 +170,7 @@ class InputBatch(VerifyInputs):
                 if cached.new_block_ids:
                     # It holds cdiv(computed) blocks before these: after rejected drafts, fewer than before.
                     row = state.row
-                    self.num_blocks_of[row] = min(self.num_blocks_of[row], -(-cached.num_computed_tokens // self.block_size))
+                    self.num_blocks_of[row] = min(self.num_blocks_of[row], cdiv(cached.num_computed_tokens, self.block_size))
                     self._append_blocks(state.row, cached.new_block_ids)
                 self.num_computed[state.row] = cached.num_computed_tokens
             except Exception as exc:  # noqa: BLE001
@@ -263,13 +256,8 @@ class InputBatch(VerifyInputs):
             rows = np.fromiter((requests[r].row for r in scheduled), dtype=np.int64, count=len(scheduled))
             counts = np.fromiter(scheduled.values(), dtype=np.int64, count=len(scheduled))
             end = self.num_computed[rows] + counts
-<<<<<<< HEAD
             if not ((end > self.num_tokens[rows] + self.num_pending[rows] + self.num_spec[rows])
-                    | (-(-end // self.block_size) > self.num_blocks_of[rows])).any():
-=======
-            if not ((end > self.num_tokens[rows] + self.num_pending[rows])
                     | (cdiv(end, self.block_size) > self.num_blocks_of[rows])).any():
->>>>>>> main
                 return set()
         ids = list(scheduled)
         states = [requests.get(r) for r in ids]
@@ -280,12 +268,8 @@ class InputBatch(VerifyInputs):
         rows = np.fromiter((row for _, row in known), dtype=np.int64, count=len(known))
         counts = np.fromiter((so.num_scheduled_tokens[r] for r, _ in known), dtype=np.int64, count=len(known))
         end = self.num_computed[rows] + counts
-<<<<<<< HEAD
-        known = self.num_tokens[rows] + self.num_pending[rows] + self.num_spec[rows]
-        wrong = (end > known) | (-(-end // self.block_size) > self.num_blocks_of[rows])
-=======
-        wrong = (end > self.num_tokens[rows] + self.num_pending[rows]) | (cdiv(end, self.block_size) > self.num_blocks_of[rows])
->>>>>>> main
+        available = self.num_tokens[rows] + self.num_pending[rows] + self.num_spec[rows]
+        wrong = (end > available) | (cdiv(end, self.block_size) > self.num_blocks_of[rows])
         for i in np.flatnonzero(wrong):
             r, row = known[i]
             logger.warning("request %s scheduled up to token %d but has %d tokens and %d blocks",

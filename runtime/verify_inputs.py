@@ -21,6 +21,7 @@ import torch
 
 from kiln.runtime.attention import AttentionMetadata
 from kiln.runtime.verify import VerifyBatch, VerifyOutput
+from kiln.scheduler.block_manager import cdiv
 
 if TYPE_CHECKING:
     from kiln.runtime.input_batch import ModelInputs, SamplingBatch
@@ -88,7 +89,7 @@ class VerifyInputs:
         blocks = self.block_table[token_rows, np.minimum(flat_pos // bs, self.max_blocks_per_seq - 1)].astype(np.int64)
         slots = np.where(flat_real, blocks * bs + flat_pos % bs, -1)
         ids = np.where(flat_real, self.token_ids[token_rows, np.minimum(flat_pos, self.max_model_len)], 0)
-        max_blocks = -(-int(seq_lens.max()) // bs)
+        max_blocks = cdiv(int(seq_lens.max()), bs)
         table = np.zeros((size, max_blocks), dtype=np.int32)
         table[:n] = self.block_table[rows, :max_blocks]
         known = self.num_tokens[token_rows] + self.num_spec[token_rows]
