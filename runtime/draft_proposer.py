@@ -220,9 +220,9 @@ def _check_compatible(loaded: Any, target_tokenizer: Any, target_model_config: A
     if int(mc.vocab_size) != int(target_model_config.vocab_size):
         raise DraftEngineError(f"the draft engine's vocabulary ({mc.vocab_size} tokens) differs from the "
                                f"target's ({target_model_config.vocab_size})")
-    from kiln.runtime.engine import _load_tokenizer
+    from kiln.runtime.engine import load_tokenizer
 
-    draft_tokenizer = _load_tokenizer(loaded.path)
+    draft_tokenizer = load_tokenizer(loaded.path)
     if (draft_tokenizer is None) != (target_tokenizer is None) or (
             draft_tokenizer is not None and draft_tokenizer.get_vocab() != target_tokenizer.get_vocab()):
         raise DraftEngineError(f"the draft engine {loaded.path} has another tokenizer vocabulary than the target")

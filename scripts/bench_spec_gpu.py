@@ -106,9 +106,9 @@ def make(args, spec: bool, recorded: dict[str, list[int]], with_draft: bool = Fa
 
         draft_config = EngineConfig(engine_dir=args.target, speculative="draft", draft_engine=str(args.draft),
                                     num_speculative_tokens=args.k, **options)
-        from kiln.runtime.engine import _load_tokenizer
+        from kiln.runtime.engine import load_tokenizer
 
-        inner = DraftModelProposer(draft_config, _load_tokenizer(args.target), load_engine(args.target).model_config)
+        inner = DraftModelProposer(draft_config, load_tokenizer(args.target), load_engine(args.target).model_config)
     proposer = AcceptanceControlledProposer(recorded, 1.0, args.vocab, inner=inner)
     return LLMEngine.from_engine_dir(args.target, proposer=proposer, speculative="external",
                                      num_speculative_tokens=args.k,
