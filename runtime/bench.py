@@ -24,6 +24,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
+
+from kiln.scheduler.config import CAPACITY_POLICIES
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +71,7 @@ def _synthetic_prompts(num: int, isl: int, vocab_size: int, seed: int) -> list[l
 
 def _make_engine(args: argparse.Namespace):
     from kiln.runtime import LLMEngine
+    from kiln.runtime.config import SPECULATIVE_OPTIONS
 
     options = {k: v for k, v in {
         "max_batch_size": args.max_batch_size,
@@ -79,13 +83,23 @@ def _make_engine(args: argparse.Namespace):
         "capacity_policy": args.capacity_policy,
         "enforce_eager": args.enforce_eager or None,
         "device": args.device,
+        **{name: getattr(args, name) for name in SPECULATIVE_OPTIONS},
     }.items() if v is not None}
     return LLMEngine.from_engine_dir(args.engine, **options)
 
 
+def _spec_figures(engine) -> dict[str, float]:
+    """Mean acceptance length (tokens per verify step) when the engine speculates."""
+    if not engine.config.spec_tokens:
+        return {}
+    spec = engine.get_stats().spec_decode
+    return {"mean_acceptance_length": spec.mean_acceptance_length, "draft_tokens": spec.num_draft_tokens,
+            "accepted_tokens": spec.num_accepted_tokens}
+
+
 _WORKLOAD_ARGS = ("isl", "osl", "num_requests", "iterations", "warmup", "seed")
 _ENGINE_FIELDS = ("max_batch_size", "max_num_tokens", "capacity_policy", "enable_prefix_caching", "enforce_eager",
-                  "attention_backend", "kv_cache_fraction")
+                  "attention_backend", "kv_cache_fraction", "speculative")
 
 
 def run_settings(args: argparse.Namespace, engine) -> dict[str, object]:
@@ -94,6 +108,8 @@ def run_settings(args: argparse.Namespace, engine) -> dict[str, object]:
     settings["device"] = str(engine.config.torch_device)
     settings["dtype"] = str(engine.config.compute_dtype(engine.model_config.dtype)).removeprefix("torch.")
     settings.update({k: getattr(engine.config, k) for k in _ENGINE_FIELDS})
+    if engine.config.speculative:
+        settings["num_speculative_tokens"] = engine.config.num_speculative_tokens
     runner = getattr(engine, "runner", None)
     if runner is not None:
         settings["kv_cache_tokens"] = runner.num_blocks * runner.block_size
@@ -126,6 +142,7 @@ def run_throughput(args: argparse.Namespace) -> BenchResult:
         "total_s": elapsed,
         "steps": steps,
         "peak_gpu_gib": _peak_gpu_gib(),
+        **_spec_figures(engine),
     }
     return BenchResult("throughput", figures, _device_name(), args.engine, run_settings(args, engine))
 
@@ -170,8 +187,53 @@ def run_latency(args: argparse.Namespace) -> BenchResult:
         "ttft_ms_p50": 1000 * ttfts[len(ttfts) // 2],
         "decode_tok_s_p50": decode_rates[len(decode_rates) // 2],
         "decode_tok_s_best": decode_rates[-1],
+        **_spec_figures(engine),
     }
     return BenchResult("latency", figures, _device_name(), args.engine, run_settings(args, engine))
+
+
+class AcceptanceControlledProposer:
+    """A BENCHMARK TOOL, never used for serving: drafts with a chosen acceptance rate.
+
+    It proposes the target's own greedy continuation, recorded by a plain run first
+    (``continuations[request_id]`` = that request's whole output), keeping each draft token
+    with probability ``keep`` and replacing it by another token otherwise, so a greedy
+    request accepts ``keep``-geometric runs of drafts. With ``inner`` (a real proposer, e.g.
+    a draft model) that proposer runs first, for its cost only: its tokens are discarded.
+    """
+
+    def __init__(self, continuations: dict[str, list[int]], keep: float, vocab_size: int, seed: int = 0,
+                 inner: Any = None) -> None:
+        import numpy as np
+
+        self.continuations, self.keep, self.vocab_size, self.inner = continuations, keep, vocab_size, inner
+        self._rng = np.random.default_rng(seed)
+        self._batch = None
+
+    def bind(self, input_batch: Any) -> None:
+        self._batch = input_batch
+        if self.inner is not None:
+            self.inner.bind(input_batch)
+
+    def propose(self, wanted: dict[str, int]) -> dict[str, list[int]]:
+        if self.inner is not None:
+            self.inner.propose(wanted)
+        batch, drafts = self._batch, {}
+        for request_id, k in wanted.items():
+            state = batch.requests.get(request_id)
+            recorded = self.continuations.get(request_id)
+            if state is None or recorded is None:
+                continue
+            done = int(batch.num_tokens[state.row] - batch.num_prompt[state.row])
+            tokens = list(recorded[done: done + k])
+            wrong = self._rng.random(len(tokens)) >= self.keep
+            shift = self._rng.integers(1, self.vocab_size, size=len(tokens))
+            drafts[request_id] = [(t + int(s)) % self.vocab_size if w else t for t, w, s in zip(tokens, wrong, shift)]
+        return {r: d for r, d in drafts.items() if d}
+
+    def shutdown(self) -> None:
+        if self.inner is not None:
+            self.inner.shutdown()
 
 
 def _commit() -> str:
@@ -216,11 +278,14 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, help="longest prompt + output (default: the model's)")
     p.add_argument("--kv-cache-dtype", choices=("auto", "model", "fp8"),
                    help="auto (default): FP8 when the engine has KV scales; model: the model dtype; fp8: always")
-    p.add_argument("--capacity-policy", choices=("guaranteed_no_evict", "max_utilization"),
+    p.add_argument("--capacity-policy", choices=CAPACITY_POLICIES,
                    help="scheduler: reserve every request's prompt + max_tokens up front (default), or admit "
                         "while blocks last and preempt when they run out")
     p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    from kiln.runtime.config import add_speculative_arguments
+
+    add_speculative_arguments(p.add_argument_group("speculative decoding (off by default)"))
     p.add_argument("--record", nargs="?", const=str(REPO_ROOT / "BENCHMARKS.md"), metavar="FILE",
                    help="append a row to the performance history in BENCHMARKS.md (or FILE)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kiln.engine_builder.options import DTYPE_NAMES  # both pure Python: no torch at import
+from kiln.scheduler.config import CAPACITY_POLICIES
+
 if TYPE_CHECKING:
     import torch
 
@@ -19,8 +22,11 @@ if TYPE_CHECKING:
 KV_CACHE_DTYPES = ("auto", "model", "fp8")
 _DEVICES = ("auto", "cpu", "cuda")
 _ATTENTION_BACKENDS = ("auto", "triton", "torch")
-_CAPACITY_POLICIES = ("guaranteed_no_evict", "max_utilization")
-_DTYPES = ("float32", "float16", "bfloat16")
+# "external": drafts come from a proposer object handed to LLMEngine (benchmarks, tests).
+SPECULATIVE_METHODS = ("ngram", "draft", "external")
+# The EngineConfig fields of speculative decoding (flags of serve-llm and bench-llm, YAML keys).
+SPECULATIVE_OPTIONS = ("speculative", "num_speculative_tokens", "ngram_min", "ngram_max", "draft_engine",
+                       "speculative_max_batch_size", "speculative_min_acceptance")
 
 
 class EngineConfigError(ValueError):
@@ -56,6 +62,14 @@ class EngineConfig:
     seed: int = 0
     # GPU index of each tensor-parallel rank (rank r runs on cuda:devices[r]); None = 0..tp-1.
     devices: tuple[int, ...] | None = None
+    # Speculative decoding (DESIGN.md "Speculative decoding"); off unless ``speculative`` is set.
+    speculative: str | None = None  # "ngram" (prompt lookup) | "draft" (a smaller engine)
+    num_speculative_tokens: int = 4  # K: draft tokens per request and step
+    ngram_min: int = 2  # n-gram lookup: shortest suffix matched
+    ngram_max: int = 4  # longest suffix matched (tried first)
+    draft_engine: str | None = None  # the draft engine directory ("draft")
+    speculative_max_batch_size: int = 8  # nobody speculates while more requests run
+    speculative_min_acceptance: float = 0.3  # a request averaging fewer accepted drafts per step pauses
 
     def __post_init__(self) -> None:
         device = str(self.device)
@@ -67,8 +81,8 @@ class EngineConfig:
             )
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise EngineConfigError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
-        if self.capacity_policy not in _CAPACITY_POLICIES:
-            raise EngineConfigError(f"capacity_policy must be one of {_CAPACITY_POLICIES}, got {self.capacity_policy!r}")
+        if self.capacity_policy not in CAPACITY_POLICIES:
+            raise EngineConfigError(f"capacity_policy must be one of {CAPACITY_POLICIES}, got {self.capacity_policy!r}")
         for name in ("max_num_tokens", "max_batch_size", "block_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -84,6 +98,28 @@ class EngineConfig:
             object.__setattr__(self, "devices", devices)
         if self.max_model_len is not None and self.max_model_len < 1:
             raise EngineConfigError(f"max_model_len must be a positive integer, got {self.max_model_len!r}")
+        self._check_speculative()
+
+    def _check_speculative(self) -> None:
+        if self.speculative is not None and self.speculative not in SPECULATIVE_METHODS:
+            raise EngineConfigError(
+                f"speculative must be one of {SPECULATIVE_METHODS[:2]} (or unset), got {self.speculative!r}")
+        for name in ("num_speculative_tokens", "ngram_min", "ngram_max", "speculative_max_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise EngineConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.ngram_min > self.ngram_max:
+            raise EngineConfigError(f"ngram_min ({self.ngram_min}) must not exceed ngram_max ({self.ngram_max})")
+        if not isinstance(self.speculative_min_acceptance, (int, float)) or self.speculative_min_acceptance < 0:
+            raise EngineConfigError(
+                f"speculative_min_acceptance must be a number >= 0, got {self.speculative_min_acceptance!r}")
+        if (self.speculative == "draft") != (self.draft_engine is not None):
+            raise EngineConfigError("draft_engine is needed with speculative='draft', and only with it")
+
+    @property
+    def spec_tokens(self) -> int:
+        """K when speculative decoding is on, else 0."""
+        return self.num_speculative_tokens if self.speculative is not None else 0
 
     @property
     def torch_device(self) -> torch.device:
@@ -102,8 +138,8 @@ class EngineConfig:
         On CUDA the engine's dtype. On the CPU always float32: bf16/fp16 matmuls there are
         slow and round differently from the references we test against.
         """
-        if engine_dtype not in _DTYPES:
-            raise EngineConfigError(f"unsupported engine dtype {engine_dtype!r}; expected one of {sorted(_DTYPES)}")
+        if engine_dtype not in DTYPE_NAMES:
+            raise EngineConfigError(f"unsupported engine dtype {engine_dtype!r}; expected one of {sorted(DTYPE_NAMES)}")
         import torch
 
         if self.torch_device.type == "cpu":
@@ -120,3 +156,19 @@ class EngineConfig:
                 f"max_model_len ({self.max_model_len}) exceeds the model's max_position_embeddings ({limit})"
             )
         return self.max_model_len
+
+
+def add_speculative_arguments(g: Any) -> None:
+    """The speculative-decoding flags (EngineConfig fields), shared with bench-llm; None = not given."""
+    g.add_argument("--speculative", choices=["ngram", "draft"],
+                   help="ngram: drafts looked up in the request's own tokens (prompt lookup); draft: drafts "
+                        "from a smaller engine with the same tokenizer (--draft-engine)")
+    g.add_argument("--num-speculative-tokens", type=int, metavar="K", help="draft tokens per step (default 4)")
+    g.add_argument("--ngram-min", type=int, metavar="N", help="shortest suffix n-gram matched (default 2)")
+    g.add_argument("--ngram-max", type=int, metavar="M", help="longest suffix n-gram matched (default 4)")
+    g.add_argument("--draft-engine", metavar="DIR", help="the draft engine directory (--speculative draft)")
+    g.add_argument("--speculative-max-batch-size", type=int, metavar="B",
+                   help="no speculation while more requests run (default 8)")
+    g.add_argument("--speculative-min-acceptance", type=float, metavar="A",
+                   help="a request averaging fewer accepted drafts per step pauses speculating (default 0.3)")
+

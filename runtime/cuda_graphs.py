@@ -11,7 +11,9 @@ memory small (a [256, vocab] fp32 output per captured size would cost gigabytes)
 Graph safety: the graphs read the InputBatch's persistent device buffers (``static
 inputs``), and the attention kernels size their grids from ``max_seq_len``, which is captured
 as ``max_model_len`` (an upper bound: programs past a sequence's end exit at once). Mixed and
-prefill steps run eagerly.
+prefill steps run eagerly. Verify steps of speculative decoding (every row 1 + K tokens,
+verify_inputs.py) get graphs of their own, in the same pool: their multi-token rows take the
+attention's prefill kernel, whose grid depends only on the captured batch and max_query_len.
 
 Memory: all graphs share one pool, captured from the largest size down, so the pool holds
 about one largest-size activation set plus each graph's small output. It cannot be measured
@@ -70,11 +72,13 @@ class DecodeGraphs:
         static_inputs: Callable[[int], ModelInputs],
         sizes: list[int],
         use_graphs: bool = True,
+        pool: object | None = None,
     ) -> None:
         self.forward = forward
         self.static_inputs = static_inputs
         self.sizes = sorted(sizes)
         self.use_graphs = use_graphs
+        self.pool = pool  # the memory pool the graphs share (another set's, to share it too)
         self.inputs: dict[int, ModelInputs] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
@@ -90,7 +94,9 @@ class DecodeGraphs:
         device = self.inputs[self.sizes[0]].input_ids.device
         torch.cuda.synchronize(device)
         free_before = torch.cuda.mem_get_info(device)[0]
-        pool = torch.cuda.graph_pool_handle()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        pool = self.pool
         for size in reversed(self.sizes):
             inputs = self.inputs[size]
             self.forward(inputs)  # warm-up: Triton compiles and cuBLAS picks kernels outside the capture
@@ -102,8 +108,10 @@ class DecodeGraphs:
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()  # the warm-ups' blocks, not the pool
         used = free_before - torch.cuda.mem_get_info(device)[0]
-        logger.info("captured %d decode CUDA graphs (batch sizes %d..%d) in %.1f s, using %.3f GiB",
-                    len(self.graphs), self.sizes[0], self.sizes[-1], time.perf_counter() - start, used / 2**30)
+        query_len = self.inputs[self.sizes[0]].graph_query_len
+        logger.info("captured %d CUDA graphs of %d-token rows (batch sizes %d..%d) in %.1f s, using %.3f GiB",
+                    len(self.graphs), query_len, self.sizes[0], self.sizes[-1], time.perf_counter() - start,
+                    used / 2**30)
 
     def release(self) -> None:
         """Drop the graphs, their outputs and static views (the shared pool is freed once

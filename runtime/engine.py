@@ -24,12 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from kiln.engine_builder.format import load_engine
+from kiln.engine_builder.source import TOKENIZER_FILES
 from kiln.runtime.config import EngineConfig
 from kiln.runtime.executor import Executor, FatalEngineError, make_executor
 from kiln.runtime.grammar import GrammarCompiler
 from kiln.runtime.model_runner import EngineShutDownError, ModelRunner, StepHandle
 from kiln.runtime.outputs import (CompletionOutput, EngineStats, RequestMetrics, RequestOutput, SequenceTracker,
                                   merge_completions)
+from kiln.runtime.proposers import Proposer, make_proposer
 from kiln.scheduler import RequestRejected, Scheduler, SchedulerConfig
 from kiln.scheduler.interface import RunnerOutput, SchedulerOutput
 from kiln.scheduler.request import Request, RequestStatus
@@ -37,7 +39,6 @@ from kiln.scheduler.sampling_params import SamplingParams, SamplingParamsError
 
 logger = logging.getLogger(__name__)
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 @dataclasses.dataclass
@@ -66,18 +67,27 @@ class LLMEngine:
     no request and ``add_request`` / ``step`` raise ``EngineShutDownError``.
     """
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, proposer: Proposer | None = None) -> None:
         self.config = config
         # Not kept: its memory-mapped tensors are only read while rank 0's runner builds the model.
         loaded_engine = load_engine(config.engine_dir, rank=0)
         self.model_config = loaded_engine.model_config
         self.tokenizer = load_tokenizer(Path(loaded_engine.path))
         self.eos_token_ids = _eos_token_ids(Path(loaded_engine.path), self.tokenizer)
-        self.executor: Executor = make_executor(config, loaded_engine)
+        # Before the target's runner: a draft model's memory must be taken before the KV cache's.
+        self.proposer = make_proposer(config, self.tokenizer, self.model_config, proposer)
+        try:
+            self.executor: Executor = make_executor(config, loaded_engine)
+        except BaseException:
+            if self.proposer is not None:
+                self.proposer.shutdown()
+            raise
         del loaded_engine
         # Structured output: grammars compiled here (cached), matched by rank 0's runner.
         self.grammar_compiler = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.runner.enable_structured_output(self.grammar_compiler)
+        if self.proposer is not None:
+            self.proposer.bind(self.runner.input_batch)
         self.max_model_len = self.executor.max_model_len
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -88,6 +98,9 @@ class LLMEngine:
                 max_model_len=self.max_model_len,
                 capacity_policy=config.capacity_policy,
                 enable_prefix_caching=config.enable_prefix_caching,
+                num_speculative_tokens=config.spec_tokens,
+                speculative_max_batch_size=config.speculative_max_batch_size,
+                speculative_min_acceptance=config.speculative_min_acceptance,
             )
         )
         self._parents: dict[str, _ParentRequest] = {}
@@ -104,9 +117,9 @@ class LLMEngine:
         )
 
     @classmethod
-    def from_engine_dir(cls, engine_dir: str | Path, **options: Any) -> LLMEngine:
+    def from_engine_dir(cls, engine_dir: str | Path, proposer: Proposer | None = None, **options: Any) -> LLMEngine:
         """Build an engine from a directory; options are EngineConfig fields."""
-        return cls(EngineConfig(engine_dir=str(engine_dir), **options))
+        return cls(EngineConfig(engine_dir=str(engine_dir), **options), proposer=proposer)
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer
@@ -126,6 +139,8 @@ class LLMEngine:
             self.abort_request(request_id)
         self._in_flight = None
         self.executor.shutdown()
+        if self.proposer is not None:
+            self.proposer.shutdown()
 
     def __enter__(self) -> LLMEngine:
         return self
@@ -159,6 +174,9 @@ class LLMEngine:
         params = sampling_params or SamplingParams()
         text, token_ids = prepare_prompt(prompt, self.tokenizer, self.model_config.vocab_size)
         check_logit_bias(params, self.model_config.vocab_size)
+        if self.proposer is not None and (params.structured_output is not None or params.logit_bias):
+            # Verify steps score several positions per row; masks and biases are per row (not yet merged).
+            raise RequestRejected("structured output and logit_bias are not supported with speculative decoding yet")
         if params.structured_output is not None:
             self.grammar_compiler.compile(params.structured_output)  # GrammarError at once; cached for the runner
         arrival = time.monotonic() if arrival_time is None else arrival_time
@@ -207,9 +225,6 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._parents) or self.scheduler.has_unfinished_requests()
 
-    def get_num_unfinished_requests(self) -> int:
-        return len(self._parents)
-
     # ------------------------------------------------------------------ the loop
 
     def step(self) -> list[RequestOutput]:
@@ -220,11 +235,23 @@ class LLMEngine:
         that launched N, as soon as N is done on the device (that call first queues N+1, so
         the device stays busy). A request that ends on EOS or a stop string has had one more
         step queued by then: the token it samples is dropped.
+
+        Speculative decoding: a step holding speculating requests (``synchronous``) is
+        collected and updated before the next plan (which depends on how many drafts were
+        accepted), and drafts are proposed in between; its outputs are still built while the
+        device runs the next step.
         """
         self._check_running()
+        touched: dict[str, dict[int, CompletionOutput]] = {}
+        settled = None
+        if self._in_flight is not None and self._in_flight[0].synchronous:
+            settled, self._in_flight = self._settle(*self._in_flight), None
+        if self.proposer is not None:
+            self._propose()
         scheduler_output = self.scheduler.schedule()
         handle = self._launch(scheduler_output)
-        touched: dict[str, dict[int, CompletionOutput]] = {}
+        if settled is not None:
+            self._process_all(*settled, touched)
         previous, self._in_flight = self._in_flight, None
         if previous is not None:
             self._finish_step(*previous, touched)
@@ -237,13 +264,30 @@ class LLMEngine:
     def _finish_step(self, scheduler_output: SchedulerOutput, handle: StepHandle,
                      touched: dict[str, dict[int, CompletionOutput]]) -> None:
         """Collect a launched step, give its results to the scheduler, build the outputs."""
+        self._process_all(*self._settle(scheduler_output, handle), touched)
+
+    def _settle(self, scheduler_output: SchedulerOutput, handle: StepHandle) -> tuple[list[Request], RunnerOutput]:
+        """Collect a launched step and give its results to the scheduler."""
         runner_output = self._collect(handle, scheduler_output)
         for request_id, entries in runner_output.prompt_logprobs.items():
             tracker = self._children.get(request_id)
             if tracker is not None:
                 tracker.add_prompt_logprobs(entries)
-        changed = self.scheduler.update(scheduler_output, runner_output)
-        self._process_all(changed, runner_output, touched)
+        return self.scheduler.update(scheduler_output, runner_output), runner_output
+
+    def _propose(self) -> None:
+        """Draft tokens for the speculating requests the next plan may verify. A failing
+        proposer costs speed, not requests: they go on without drafts."""
+        wanted = self.scheduler.draft_requests()
+        try:
+            drafts = self.proposer.propose(wanted)
+        except FatalEngineError:
+            raise
+        except Exception:
+            logger.exception("draft proposal failed for %d requests; they run without drafts", len(wanted))
+            return
+        if drafts:
+            self.scheduler.set_draft_tokens(drafts)
 
     def _process_all(self, requests: list[Request], runner_output: RunnerOutput | None,
                      touched: dict[str, dict[int, CompletionOutput]]) -> None:
@@ -348,6 +392,7 @@ class LLMEngine:
             prefix_cache_queries=stats.prefix_cache_queries,
             prefix_cache_hits=stats.prefix_cache_hits,
             num_preemptions=stats.num_preemptions,
+            spec_decode=stats.spec_decode,
             prompt_tokens=self._num_prompt_tokens,
             generation_tokens=self._num_generation_tokens,
             num_failed_steps=self._num_failed_steps,
@@ -386,7 +431,7 @@ def check_logit_bias(params: SamplingParams, vocab_size: int) -> None:
 
 def load_tokenizer(path: Path) -> Any:
     """The engine directory's tokenizer, or None for engines built without one."""
-    if not any((path / name).exists() for name in _TOKENIZER_FILES):
+    if not any((path / name).exists() for name in TOKENIZER_FILES):
         logger.info("no tokenizer in %s: prompts must be token ids and texts will be empty", path)
         return None
     from transformers import AutoTokenizer  # heavy import, only when there is a tokenizer

@@ -29,6 +29,9 @@ from kiln.runtime.grammar import GrammarRows
 from kiln.runtime.prompt_logprobs import PromptLogprobsBatch, plan_prompt_logprobs
 from kiln.runtime.sampler import SamplingMetadata, SamplingRows
 from kiln.runtime.staging import Staging
+from kiln.runtime.verify import VerifyBatch
+from kiln.runtime.verify_inputs import VerifyInputs, logits_rows
+from kiln.scheduler.block_manager import cdiv
 from kiln.scheduler.interface import SchedulerOutput
 from kiln.scheduler.sampling_params import SamplingParams
 
@@ -71,6 +74,7 @@ class ModelInputs:
     graph_batch_size: int | None = None
     sample_rows: torch.Tensor | None = None  # [S] int64 device: the rows sampled, logits order
     prompt_logprobs: PromptLogprobsBatch | None = None  # prompt tokens scored this step (their logits rows follow)
+    graph_query_len: int = 1  # tokens per row of the graph: 1 (decode) or 1 + K (verify)
 
 
 @dataclass
@@ -87,15 +91,18 @@ class SamplingBatch:
     """The requests sampled this step, in logits row order.
 
     ``metadata`` is None when every one is plain greedy (the sampler is then a bare argmax);
-    ``logprobs[i]`` is the number of top logprobs request i wants, -1 for none.
+    ``logprobs[i]`` is the number of top logprobs request i wants, -1 for none. ``verify`` is
+    set when some request carries draft tokens: the logits then hold 1 + drafts rows per
+    request and ``metadata`` covers those rows.
     """
 
     request_ids: list[str]
     metadata: SamplingMetadata | None
     logprobs: np.ndarray
+    verify: VerifyBatch | None = None
 
 
-class InputBatch:
+class InputBatch(VerifyInputs):
     """Per-request state keyed by request_id, stored in preallocated numpy rows.
 
     Invariants: every live request owns one row of ``token_ids`` ([max_batch_size,
@@ -105,16 +112,20 @@ class InputBatch:
     ``num_pending[row]`` more tokens were sampled by launched steps and are not on the host
     yet (the last of them is ``last_sampled[row]`` on the device); ``row_gen[row]`` changes
     whenever the row changes owner, so late results for a former owner can be told apart.
+    During a step, ``num_spec[row]`` draft tokens follow the row's tokens (verify_inputs.py).
+    A pending verify step (its count unknown) is always resolved before the next ``apply``.
     """
 
     def __init__(
         self, max_batch_size: int, max_model_len: int, max_num_tokens: int, block_size: int,
-        num_blocks: int, vocab_size: int, device: torch.device,
+        num_blocks: int, vocab_size: int, device: torch.device, num_speculative_tokens: int = 0,
     ) -> None:
         self.max_batch_size, self.max_model_len = max_batch_size, max_model_len
         self.block_size, self.num_blocks, self.vocab_size = block_size, num_blocks, vocab_size
         self.device = device
-        self.max_blocks_per_seq = -(-(max_model_len + 1) // block_size)
+        # A padded verify row reads K positions past its tokens: its table must reach them.
+        self.spec_k = num_speculative_tokens
+        self.max_blocks_per_seq = cdiv(max_model_len + 1 + self.spec_k, block_size)
         self.token_ids = np.zeros((max_batch_size, max_model_len + 1), dtype=np.int64)
         self.block_table = np.zeros((max_batch_size, self.max_blocks_per_seq), dtype=np.int32)
         self.num_tokens = np.zeros(max_batch_size, dtype=np.int64)
@@ -129,7 +140,12 @@ class InputBatch:
         self.grammar: GrammarRows | None = None  # rank 0 with a tokenizer: structured output (grammar.py)
         self.requests: dict[str, RequestState] = {}
         self.free_rows = list(range(max_batch_size - 1, -1, -1))
-        self.staging = Staging(max(max_num_tokens, max_batch_size), max_batch_size, self.max_blocks_per_seq, device)
+        max_rows = max_batch_size * (1 + self.spec_k)  # a verify step: 1 + K tokens and logits per request
+        self.staging = Staging(max(max_num_tokens, max_rows), max_batch_size, self.max_blocks_per_seq, device,
+                               max_logits=max_rows, max_verify=max_batch_size * (2 * self.spec_k + 2))
+        self.num_spec = np.zeros(max_batch_size, dtype=np.int64)  # draft tokens of this step, per row
+        self.has_spec = False
+        self.verify_qsl = torch.arange(max_batch_size + 1, dtype=torch.int32, device=device) * (1 + self.spec_k)
 
     # ------------------------------------------------------------------ state
 
@@ -157,12 +173,17 @@ class InputBatch:
                 if state is None:
                     raise InvalidRequestError("unknown request id (it failed or was never added)")
                 if cached.new_block_ids:
+                    # It holds cdiv(computed) blocks before these: after rejected drafts, fewer than before.
+                    row = state.row
+                    self.num_blocks_of[row] = min(self.num_blocks_of[row], cdiv(cached.num_computed_tokens, self.block_size))
                     self._append_blocks(state.row, cached.new_block_ids)
                 self.num_computed[state.row] = cached.num_computed_tokens
             except Exception as exc:  # noqa: BLE001
                 _log_failure(cached.request_id, "failed in the runner", exc)
                 self.remove(cached.request_id)
                 failed.add(cached.request_id)
+        if self.has_spec or so.spec_token_ids:
+            failed |= self._apply_drafts(so.spec_token_ids)
         return failed
 
     def add(self, request_id: str, token_ids: list[int], num_prompt_tokens: int, params: SamplingParams,
@@ -255,8 +276,8 @@ class InputBatch:
             rows = np.fromiter((requests[r].row for r in scheduled), dtype=np.int64, count=len(scheduled))
             counts = np.fromiter(scheduled.values(), dtype=np.int64, count=len(scheduled))
             end = self.num_computed[rows] + counts
-            if not ((end > self.num_tokens[rows] + self.num_pending[rows])
-                    | (-(-end // self.block_size) > self.num_blocks_of[rows])).any():
+            if not ((end > self.num_tokens[rows] + self.num_pending[rows] + self.num_spec[rows])
+                    | (cdiv(end, self.block_size) > self.num_blocks_of[rows])).any():
                 return set()
         ids = list(scheduled)
         states = [requests.get(r) for r in ids]
@@ -267,7 +288,8 @@ class InputBatch:
         rows = np.fromiter((row for _, row in known), dtype=np.int64, count=len(known))
         counts = np.fromiter((so.num_scheduled_tokens[r] for r, _ in known), dtype=np.int64, count=len(known))
         end = self.num_computed[rows] + counts
-        wrong = (end > self.num_tokens[rows] + self.num_pending[rows]) | (-(-end // self.block_size) > self.num_blocks_of[rows])
+        available = self.num_tokens[rows] + self.num_pending[rows] + self.num_spec[rows]
+        wrong = (end > available) | (cdiv(end, self.block_size) > self.num_blocks_of[rows])
         for i in np.flatnonzero(wrong):
             r, row = known[i]
             logger.warning("request %s scheduled up to token %d but has %d tokens and %d blocks",
@@ -294,34 +316,42 @@ class InputBatch:
         pending = self.num_pending[rows]
         return bool(pending.any() and self.sampling.penalties[rows[pending > 0]].any())
 
-    def prepare(self, scheduled: ScheduledRows, graph_sizes: Sequence[int] = ()
+    def prepare(self, scheduled: ScheduledRows, graph_sizes: Sequence[int] = (), verify_sizes: Sequence[int] = ()
                 ) -> tuple[ModelInputs, SamplingBatch, np.ndarray]:
         """Build the step's device tensors for the scheduled rows: (inputs, sampling, sampled rows).
 
         Tokens of request b run at positions ``num_computed .. num_computed + n_b``; it is
-        sampled when that range reaches its tokens, pending ones included. A decode-only step
+        sampled when that range reaches its tokens, pending ones included (its draft tokens,
+        when it carries some, are the last of them and each gets logits). A decode-only step
         is padded to the smallest of ``graph_sizes`` (sorted batch sizes with a captured CUDA
-        graph) that holds it.
+        graph) that holds it; a verify step of decoding rows to one of ``verify_sizes``.
         """
         order, rows, counts = scheduled.order, scheduled.rows, scheduled.counts
         starts = self.num_computed[rows]
         seq_lens = starts + counts
         sampled = np.flatnonzero(seq_lens >= self.num_tokens[rows] + self.num_pending[rows])
         num_tokens = int(counts.sum())
-        decode_only = num_tokens == len(order) == len(sampled)
-        if decode_only:
+        spec = self.num_spec[rows] if self.has_spec else None
+        verify = None
+        if spec is not None and spec[sampled].any():  # staged first: copied with the inputs
+            verify = self._stage_verify(rows[sampled], spec[sampled])
+        if spec is None and num_tokens == len(order) == len(sampled):  # decode only
             inputs = self._decode_inputs(rows, starts, graph_sizes)
+        elif spec is not None and self._fits_verify_graph(counts, sampled, verify_sizes):
+            inputs = self._verify_graph_inputs(rows, starts, counts, spec, verify_sizes)
         else:
-            inputs = self._mixed_inputs(rows, starts, counts, seq_lens, sampled)
+            inputs = self._mixed_inputs(rows, starts, counts, seq_lens, sampled, spec)
             if (self.prompt_logprobs[rows] >= 0).any():
                 inputs.prompt_logprobs = plan_prompt_logprobs(order, rows, self.prompt_logprobs[rows], starts, counts,
                                                               self.num_prompt[rows], self.token_ids, self.device)
         sampled_ids = order if len(sampled) == len(order) else [order[i] for i in sampled]
         sampled_rows = rows[sampled]
+        if verify is not None:
+            return inputs, self._verify_sampling_batch(sampled_ids, sampled_rows, spec[sampled], *verify), sampled_rows
         return inputs, self._sampling_batch(sampled_ids, sampled_rows), sampled_rows
 
     def _mixed_inputs(self, rows: np.ndarray, starts: np.ndarray, counts: np.ndarray, seq_lens: np.ndarray,
-                      sampled: np.ndarray) -> ModelInputs:
+                      sampled: np.ndarray, spec: np.ndarray | None = None) -> ModelInputs:
         query_start_loc = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(counts, out=query_start_loc[1:])
         num_tokens = int(query_start_loc[-1])
@@ -329,10 +359,11 @@ class InputBatch:
         token_rows = np.repeat(rows, counts)
         positions = np.repeat(starts - query_start_loc[:-1], counts) + np.arange(num_tokens)
         block_ids = self.block_table[token_rows, positions // self.block_size].astype(np.int64)
-        max_blocks = -(-int(seq_lens.max()) // self.block_size)
+        max_blocks = cdiv(int(seq_lens.max()), self.block_size)
         staging = self.staging
         stage = staging.stage
-        fill = np.flatnonzero(positions >= self.num_tokens[token_rows])  # pending: on the device
+        known = self.num_tokens[token_rows] if spec is None else self.num_tokens[token_rows] + np.repeat(spec, counts)
+        fill = np.flatnonzero(positions >= known)  # pending: on the device (drafts are in the rows)
         fill_args = (stage("fill_index", fill), stage("fill_rows", token_rows[fill])) if len(fill) else None
         inputs = ModelInputs(
             input_ids=stage("input_ids", self.token_ids[token_rows, np.minimum(positions, self.max_model_len)]),
@@ -345,7 +376,8 @@ class InputBatch:
                 max_query_len=int(counts.max()),
                 max_seq_len=int(seq_lens.max()),
             ),
-            logits_indices=stage("logits_indices", query_start_loc[1:][sampled] - 1),
+            logits_indices=stage("logits_indices", logits_rows(query_start_loc[1:][sampled],
+                                                               None if spec is None else spec[sampled])),
             num_reqs=len(rows),
             sample_rows=stage("sample_rows", rows[sampled]),
         )
@@ -371,7 +403,7 @@ class InputBatch:
         padded = size or n
         seq_lens = np.ones(padded, dtype=np.int32)
         seq_lens[:n] = positions + 1
-        max_blocks = -(-int(seq_lens[:n].max()) // self.block_size)
+        max_blocks = cdiv(int(seq_lens[:n].max()), self.block_size)
         table = np.zeros((padded, max_blocks), dtype=np.int32)
         table[:n] = self.block_table[rows, :max_blocks]
         slots = np.full(padded, -1, dtype=np.int64)

@@ -34,6 +34,7 @@ from kiln.runtime.kv_cache import KVCache, KVCacheSpec, cpu_num_blocks, explicit
 from kiln.runtime.model import LlamaFamilyModel
 from kiln.runtime.parallel import SINGLE_RANK, Collectives
 from kiln.runtime.sampler import Sampler, SamplerOutput, SamplingMetadata
+from kiln.runtime.verify import VerifyOutput, verify
 from kiln.scheduler.interface import RunnerOutput, SchedulerOutput
 from kiln.scheduler.sampling_params import SamplingParams
 
@@ -89,16 +90,22 @@ class ModelRunner:
         # means the same slots everywhere.
         self.num_blocks = group.min_int(self._size_kv_cache(spec))
         self.kv_cache = KVCache(spec, self.num_blocks, self.device)
+        self.spec_k = engine_config.spec_tokens
         self.input_batch = InputBatch(
             engine_config.max_batch_size, self.max_model_len, engine_config.max_num_tokens,
-            self.block_size, self.num_blocks, self.vocab_size, self.device,
+            self.block_size, self.num_blocks, self.vocab_size, self.device, self.spec_k,
         )
-        # Pinned landing buffers of the sampled ids, one per step that may be in flight.
-        self._sampled_host = [torch.zeros(engine_config.max_batch_size, dtype=torch.int64,
-                                          pin_memory=self.device.type == "cuda") for _ in range(_MAX_IN_FLIGHT)]
+        # Pinned landing buffers of the sampled ids, one per step that may be in flight (and of
+        # a verify step's [tokens..., count] per request).
+        pinned = self.device.type == "cuda"
+        self._sampled_host = [torch.zeros(engine_config.max_batch_size, dtype=torch.int64, pin_memory=pinned)
+                              for _ in range(_MAX_IN_FLIGHT)]
+        self._verified_host = [torch.zeros(engine_config.max_batch_size, 2 + self.spec_k, dtype=torch.int64,
+                                           pin_memory=pinned) for _ in range(_MAX_IN_FLIGHT if self.spec_k else 0)]
         self._num_launched = 0
         self._unresolved: list[StepHandle] = []  # launched steps whose ids are not on the host yet
         self.graphs: DecodeGraphs | None = None
+        self.verify_graphs: DecodeGraphs | None = None
         if self._use_graphs():
             self.enable_decode_graphs(use_graphs=True)
             # Everything allocated so far (modules, weights' wrappers, graphs) lives as long as
@@ -129,13 +136,14 @@ class ModelRunner:
             return
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # nothing in flight may still use what is freed
-        if self.graphs is not None:
-            self.graphs.release()
-        self.graphs = None
+        for graphs in (self.graphs, self.verify_graphs):
+            if graphs is not None:
+                graphs.release()
+        self.graphs = self.verify_graphs = None
         self.model = None
         self.kv_cache = None
         self.input_batch = None
-        self._sampled_host = []
+        self._sampled_host = self._verified_host = []
         self._unresolved = []
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -146,6 +154,16 @@ class ModelRunner:
     @property
     def graph_sizes(self) -> list[int]:
         return graph_batch_sizes(min(self.config.max_batch_size, self.config.max_num_tokens))
+
+    @property
+    def verify_graph_sizes(self) -> list[int]:
+        """Batch sizes of the verify graphs (rows of 1 + K tokens): up to the batch size at
+        which speculation switches off. None without speculation."""
+        cfg = self.config
+        if not self.spec_k:
+            return []
+        rows = min(cfg.speculative_max_batch_size, cfg.max_batch_size, cfg.max_num_tokens // (1 + self.spec_k))
+        return graph_batch_sizes(rows) if rows >= 1 else []
 
     def _use_graphs(self) -> bool:
         if self.config.enforce_eager or self.device.type != "cuda":
@@ -162,6 +180,10 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self._graph_body, self.input_batch.static_decode_inputs, self.graph_sizes,
                                    use_graphs)
         self.graphs.capture()
+        if self.verify_graph_sizes:
+            self.verify_graphs = DecodeGraphs(self._graph_body, self.input_batch.static_verify_inputs,
+                                              self.verify_graph_sizes, use_graphs, pool=self.graphs.pool)
+            self.verify_graphs.capture()
 
     def _graph_body(self, inputs: ModelInputs) -> torch.Tensor:
         return self.model.hidden_states(inputs.input_ids, inputs.positions, self.kv_cache.kv, inputs.attn)
@@ -181,10 +203,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _graph_memory_estimate(self, spec: KVCacheSpec) -> int:
-        """Memory the decode graphs will hold: one eager decode forward at the largest graph
-        size (on a one-block scratch cache, no KV writes) measures the shared pool's size."""
-        sizes = self.graph_sizes
-        size, dev = sizes[-1], self.device
+        """Memory the decode (and verify) graphs will hold: one eager decode forward at the
+        largest graph's token count (on a one-block scratch cache, no KV writes) measures the
+        shared pool's size."""
+        tokens = self.graph_sizes + [size * (1 + self.spec_k) for size in self.verify_graph_sizes]
+        size, dev = max(tokens), self.device
         scratch = KVCache(spec, 1, dev)
         attn = AttentionMetadata(
             slot_mapping=torch.full((size,), -1, dtype=torch.int64, device=dev),
@@ -202,10 +225,10 @@ class ModelRunner:
         activations = torch.cuda.max_memory_allocated(dev) - base
         del scratch, attn, ids
         torch.cuda.empty_cache()
-        estimate = graph_memory_estimate(activations, sizes, self.model.shape.hidden_size,
+        estimate = graph_memory_estimate(activations, tokens, self.model.shape.hidden_size,
                                          torch.empty((), dtype=self.dtype).element_size())
-        logger.info("decode graphs: %d sizes up to %d, memory kept free for them %.3f GiB",
-                    len(sizes), size, estimate / 2**30)
+        logger.info("CUDA graphs: %d sizes up to %d tokens, memory kept free for them %.3f GiB",
+                    len(tokens), size, estimate / 2**30)
         return estimate
 
     @torch.inference_mode()
@@ -275,6 +298,11 @@ class ModelRunner:
             raise EngineShutDownError("the model runner was shut down")
         if len(self._unresolved) >= _MAX_IN_FLIGHT:
             self._resolve(self._unresolved[0])
+        if self._unresolved and (scheduler_output.spec_token_ids or any(h.verify for h in self._unresolved)):
+            # Drafts go after a row's tokens, and a verify step's token count decides where its
+            # rows go on: both need the rows up to date (tensor-parallel workers get here with
+            # the previous step uncollected; rank 0 has collected it already).
+            self._resolve_all()
         failed = batch.apply(scheduler_output)
         failed |= batch.check_scheduled(scheduler_output)
         for request_id in failed:
@@ -285,7 +313,8 @@ class ModelRunner:
             return handle
         if batch.needs_pending_history(scheduled):
             self._resolve_all()
-        inputs, sampling, rows = batch.prepare(scheduled, self.graphs.sizes if self.graphs is not None else ())
+        inputs, sampling, rows = batch.prepare(scheduled, self.graphs.sizes if self.graphs is not None else (),
+                                               self.verify_graphs.sizes if self.verify_graphs is not None else ())
         logits = self._forward(inputs)
         if inputs.prompt_logprobs is not None:  # their rows follow the sampled ones
             split = logits.shape[0] - inputs.prompt_logprobs.num_rows
@@ -293,11 +322,17 @@ class ModelRunner:
             logits = logits[:split]
         if not sampling.request_ids:
             return handle
-        self._attach_grammar_masks(sampling, rows)
-        sampled = self._sample(logits, sampling)
         handle.sampling, handle.rows, handle.row_gens = sampling, rows, batch.row_gen[rows]
-        batch.mark_sampled(rows, inputs, sampled.sampled_token_ids)
-        self._start_copy(handle, sampled)
+        if sampling.verify is not None:
+            verified, ids = self._verify(logits, sampling)
+            handle.verify = True
+            batch.mark_verified(rows, inputs, verified)
+            self._start_copy(handle, ids, verified.logprobs)
+        else:
+            self._attach_grammar_masks(sampling, rows)
+            sampled = self._sample(logits, sampling)
+            batch.mark_sampled(rows, inputs, sampled.sampled_token_ids)
+            self._start_copy(handle, sampled.sampled_token_ids, sampled.logprobs)
         self._unresolved.append(handle)
         return handle
 
@@ -314,17 +349,18 @@ class ModelRunner:
             return
         self._resolve_all()
         sampling.metadata.allowed_tokens = grammar.bitmask(rows)
-
-    def _start_copy(self, handle: StepHandle, sampled: SamplerOutput) -> None:
+    def _start_copy(self, handle: StepHandle, ids: torch.Tensor, lp: Any) -> None:
         """Queue the device-to-host copies of the step's results and an event after them."""
-        ids = sampled.sampled_token_ids
-        lp = sampled.logprobs
         if self.device.type != "cuda":
             handle.token_ids = ids
             handle.logprobs = None if lp is None else (lp.chosen, lp.top_ids, lp.top_logprobs)
             return
         self._num_launched += 1
-        host = self._sampled_host[self._num_launched % _MAX_IN_FLIGHT][: ids.shape[0]]
+        slot = self._num_launched % _MAX_IN_FLIGHT
+        if ids.dim() == 2:  # a verify step's packed tokens and counts
+            host = self._verified_host[slot].view(-1)[: ids.numel()].view(ids.shape)  # contiguous
+        else:
+            host = self._sampled_host[slot][: ids.shape[0]]
         host.copy_(ids, non_blocking=True)
         handle.token_ids = host
         if lp is not None:
@@ -339,7 +375,11 @@ class ModelRunner:
         if handle.sampling is None:
             return output
         self._resolve(handle)
-        self._collect(handle.sampling, handle.token_ids.numpy(), handle.logprobs, output)
+        ids = handle.token_ids.numpy()
+        if handle.verify:
+            self._collect_verified(handle.sampling, ids, handle.logprobs, output)
+        else:
+            self._collect(handle.sampling, ids, handle.logprobs, output)
         return output
 
     def _resolve(self, handle: StepHandle) -> None:
@@ -355,7 +395,12 @@ class ModelRunner:
             rows = oldest.rows
             live = batch.row_gen[rows] == oldest.row_gens
             ids = oldest.token_ids.numpy()
-            batch.append_sampled(rows[live], ids[live] if not live.all() else ids)
+            if not live.all():
+                rows, ids = rows[live], ids[live]
+            if oldest.verify:
+                batch.append_verified(rows, ids[:, :-1], ids[:, -1])
+            else:
+                batch.append_sampled(rows, ids)
             if oldest is handle:
                 return
 
@@ -366,10 +411,13 @@ class ModelRunner:
 
     def _forward(self, inputs: ModelInputs) -> torch.Tensor:
         if inputs.graph_batch_size is not None and self.graphs is not None:
-            hidden = self.graphs.replay(inputs.graph_batch_size)
-            return self.model.logits(hidden[: inputs.num_reqs])
+            if inputs.graph_query_len == 1:
+                hidden = self.graphs.replay(inputs.graph_batch_size)
+                return self.model.logits(hidden[: inputs.num_reqs])
+            hidden = self.verify_graphs.replay(inputs.graph_batch_size)
+            return self.model.logits(hidden[inputs.logits_indices])
         indices = inputs.logits_indices
-        if inputs.prompt_logprobs is not None:
+        if inputs.prompt_logprobs is not None:  # prompt tokens scored this step: their rows follow
             indices = torch.cat([indices, inputs.prompt_logprobs.token_index])
         return self.model(inputs.input_ids, inputs.positions, self.kv_cache.kv, inputs.attn, indices)
 
@@ -391,6 +439,38 @@ class ModelRunner:
             raise
         group.broadcast(sampled.sampled_token_ids)
         return sampled
+
+    def _verify(self, logits: torch.Tensor, sampling: SamplingBatch) -> tuple[VerifyOutput, torch.Tensor]:
+        """Rank 0 accepts drafts and draws the next tokens; the other ranks receive them
+        (every rank appends the same tokens). Returns the result and its packed form."""
+        group, vb = self.group, sampling.verify
+        shape = (vb.index.shape[0], vb.index.shape[1] + 1)
+        if not group.is_first_rank:
+            packed = group.broadcast(torch.empty(shape, dtype=torch.int64, device=logits.device))
+            return VerifyOutput(packed[:, :-1], packed[:, -1], None), packed
+        try:
+            verified = verify(logits, vb, sampling.metadata)
+        except BaseException:
+            if group.world_size > 1:  # the other ranks wait for the tokens: never leave them hanging
+                group.broadcast(torch.zeros(shape, dtype=torch.int64, device=logits.device))
+            raise
+        packed = group.broadcast(verified.packed())
+        return verified, packed
+
+    def _collect_verified(self, sampling: SamplingBatch, packed: np.ndarray,
+                          logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+                          output: RunnerOutput) -> None:
+        """A verify step's tokens (accepted drafts, then the target's own) per request."""
+        counts = packed[:, -1].tolist()
+        rows = packed[:, :-1].tolist()
+        output.sampled_token_ids = {r: t[:n] for r, t, n in zip(sampling.request_ids, rows, counts)}
+        if logprobs is None:
+            return
+        chosen, top_ids, top_lps = (t.tolist() for t in logprobs)
+        for i in np.flatnonzero(sampling.logprobs >= 0).tolist():
+            k = int(sampling.logprobs[i])
+            output.logprobs[sampling.request_ids[i]] = [
+                (chosen[i][j], list(zip(top_ids[i][j][:k], top_lps[i][j][:k]))) for j in range(counts[i])]
 
     def _collect(self, sampling: SamplingBatch, token_ids: np.ndarray,
                  logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, output: RunnerOutput) -> None:
@@ -418,6 +498,7 @@ class StepHandle:
     token_ids: torch.Tensor | None = None
     logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     event: torch.cuda.Event | None = None
+    verify: bool = False  # token_ids is [S, K + 2]: each request's tokens, then their count
 
     @property
     def in_flight(self) -> bool:

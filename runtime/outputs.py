@@ -12,6 +12,7 @@ from typing import Any
 
 from kiln.runtime.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from kiln.scheduler.request import FINISH_REASONS, Request, RequestStatus
+from kiln.scheduler.speculation import SpecDecodeStats
 
 _FINISHED = frozenset(status for status in RequestStatus if status.finished)
 
@@ -130,6 +131,7 @@ class EngineStats:
     # Runner batch rows held. A request keeps its row until the step after it finished, so
     # an idle engine may still hold the rows of the requests that finished last.
     num_batch_slots_used: int = 0
+    spec_decode: SpecDecodeStats = SpecDecodeStats()  # verified drafts (speculative decoding)
 
 
 def merge_completions(earlier: CompletionOutput, later: CompletionOutput) -> CompletionOutput:
@@ -206,10 +208,12 @@ class SequenceTracker:
             return None
         request = self.request
         new_ids = request.output_token_ids[len(self.token_ids):]
-        self.token_ids.extend(new_ids)
         finished = request.status in _FINISHED  # an enum property is slow here
+        delta_text = ""
+        if self._detokenizer is not None:
+            delta_text, new_ids = self._take_text(new_ids, finished)
+        self.token_ids.extend(new_ids)
         delta_logprobs = None if self.logprobs is None else self._take_logprobs(new_ids, runner_logprobs)
-        delta_text = "" if self._detokenizer is None else self._take_text(new_ids, finished)
         if finished and self.finish_reason is None:
             self.finish_reason = FINISH_REASONS[request.status]
             self.stop_reason = request.stop_reason
@@ -242,13 +246,35 @@ class SequenceTracker:
         self.logprobs.extend(delta)
         return delta
 
-    def _take_text(self, new_ids: list[int], finished: bool) -> str:
+    def _take_text(self, new_ids: list[int], finished: bool) -> tuple[str, list[int]]:
+        """The text the new tokens add, and the tokens kept: with several new tokens (a
+        speculative step) those after the one completing a stop string are dropped."""
         request = self.request
         params = request.sampling_params
         ids = new_ids
         stopped_by_token = request.status is RequestStatus.FINISHED_STOPPED and not isinstance(request.stop_reason, str)
         if ids and stopped_by_token and not params.include_stop_str_in_output:
             ids = ids[:-1]  # EOS / stop token ids end the text; they are not part of it
+        if self._stop_matcher is not None and len(ids) > 1:
+            return self._take_text_stepwise(new_ids, ids, finished)
+        delta = self._add_text(ids, finished)
+        self.text += delta
+        return delta, new_ids
+
+    def _take_text_stepwise(self, new_ids: list[int], ids: list[int], finished: bool) -> tuple[str, list[int]]:
+        """One token at a time, so a stop string ends the output at the token completing it."""
+        delta = ""
+        for i, token in enumerate(ids):
+            last = i == len(ids) - 1
+            delta += self._add_text([token], finished and last)
+            if self.stop_string_hit:
+                self.text += delta
+                return delta, new_ids[: i + 1]
+        self.text += delta
+        return delta, new_ids
+
+    def _add_text(self, ids: list[int], finished: bool) -> str:
+        """Detokenize ids and cut at a stop string (recorded); returns the text to emit."""
         # A finished request flushes what both stages hold back (partial characters, stop prefixes).
         delta = self._detokenizer.add_tokens(ids, finished=finished)
         if self._stop_matcher is not None:
@@ -256,7 +282,6 @@ class SequenceTracker:
             if stop is not None:
                 self.stop_string_hit = True
                 self.finish_reason, self.stop_reason = "stop", stop
-        self.text += delta
         return delta
 
     def _completion(

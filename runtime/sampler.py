@@ -269,11 +269,7 @@ class Sampler:
         raw_logprobs = None
         if metadata.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
-
-        if not metadata.no_penalties:
-            logits = apply_penalties(logits, metadata)
-        if metadata.banned is not None:  # after the raw logprobs: those stay unprocessed
-            logits = logits.index_put(metadata.banned, logits.new_full((), _NEG_INF))
+        logits = self.process(logits, metadata)  # after the raw logprobs: those stay unprocessed
         if metadata.logit_bias is not None or metadata.allowed_tokens is not None:
             logits = apply_logit_constraints(logits, metadata)
 
@@ -291,8 +287,19 @@ class Sampler:
         return SamplerOutput(sampled_token_ids=sampled, logprobs=logprobs)
 
     @staticmethod
-    def _sample_random(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-        # Greedy rows divide by 1 here; their result is replaced by the argmax afterwards.
+    def process(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        """float32 logits with the penalties and min_tokens bans applied: greedy rows take
+        their argmax (speculative verification compares drafts with it)."""
+        if not md.no_penalties:
+            logits = apply_penalties(logits, md)
+        if md.banned is not None:
+            logits = logits.index_put(md.banned, logits.new_full((), _NEG_INF))
+        return logits
+
+    @staticmethod
+    def random_probs(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        """The distribution random rows sample from (``process``ed logits, then temperature,
+        top-k/top-p, min-p); greedy rows get their temperature-1 softmax, to be ignored."""
         temperature = torch.where(md.temperature == 0.0, 1.0, md.temperature)
         logits = logits / temperature.unsqueeze(1)
         if not (md.no_top_k and md.no_top_p):
@@ -300,8 +307,12 @@ class Sampler:
                                        None if md.no_top_p else md.top_p, md.max_top_k)
         if not md.no_min_p:
             logits = apply_min_p(logits, md.min_p)
-        probs = torch.softmax(logits, dim=-1)
-        return exponential_race(probs, md.generators)
+        return torch.softmax(logits, dim=-1)
+
+    @classmethod
+    def _sample_random(cls, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        # Greedy rows divide by 1 here; their result is replaced by the argmax afterwards.
+        return exponential_race(cls.random_probs(logits, md), md.generators)
 
 
 def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:

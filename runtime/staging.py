@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kiln.scheduler.block_manager import cdiv
+
 
 class Staging:
     """One pinned host byte buffer and one persistent device byte buffer, carved into a
@@ -17,9 +19,13 @@ class Staging:
     ``block_tables`` by one device copy.
     """
 
-    def __init__(self, max_tokens: int, max_reqs: int, max_blocks_per_seq: int, device: torch.device) -> None:
+    def __init__(self, max_tokens: int, max_reqs: int, max_blocks_per_seq: int, device: torch.device,
+                 max_logits: int | None = None, max_verify: int = 0) -> None:
+        # max_logits: logits rows of a step (one per request, 1 + K per verifying request);
+        # max_verify: the verify step's packed drafts (runtime/verify.py VerifyBatch.pack).
         regions = [("seq_lens", torch.int32, max_reqs), ("query_start_loc", torch.int32, max_reqs + 1),
-                   ("logits_indices", torch.int64, max_reqs), ("sample_rows", torch.int64, max_reqs),
+                   ("verify", torch.int64, max_verify),
+                   ("logits_indices", torch.int64, max_logits or max_reqs), ("sample_rows", torch.int64, max_reqs),
                    ("fill_index", torch.int64, max_reqs), ("fill_rows", torch.int64, max_reqs),
                    ("input_ids", torch.int64, max_tokens),
                    ("positions", torch.int64, max_tokens), ("slot_mapping", torch.int64, max_tokens),
@@ -28,7 +34,7 @@ class Staging:
         total = 0
         for name, dtype, count in regions:
             self.offset[name] = total
-            total += -(-count * dtype.itemsize // 256) * 256  # 256-byte aligned regions
+            total += cdiv(count * dtype.itemsize, 256) * 256  # 256-byte aligned regions
         self.host_bytes = torch.zeros(total, dtype=torch.uint8, pin_memory=device.type == "cuda")
         self.dev_bytes = torch.zeros(total, dtype=torch.uint8, device=device)
         self.on_cpu = device.type == "cpu"

@@ -266,6 +266,21 @@ class BlockManager:
         block.ref_cnt = 1
         return block.block_id
 
+    def trim(self, request: Request) -> None:
+        """Release the request's blocks past those its computed tokens need (the ones only
+        rejected draft tokens used). Such blocks were never registered in the prefix cache:
+        only full blocks of known tokens are, and the kept blocks cover every known token."""
+        held = self._req_blocks.get(request.request_id)
+        if not held:
+            return
+        keep = cdiv(request.num_computed_tokens, self.block_size)
+        if keep >= len(held):
+            return
+        for block_id in reversed(held[keep:]):
+            self._release_block(block_id)
+        self._num_assigned -= len(held) - keep
+        del held[keep:]
+
     def free(self, request: Request) -> None:
         """Release all blocks of the request (finished, aborted or preempted)."""
         rid = request.request_id
@@ -277,15 +292,19 @@ class BlockManager:
         # Free the tail first: among cached blocks the tail becomes the least recently
         # used, so eviction eats prefixes from their ends and shared heads live longest.
         for block_id in reversed(held):
-            block = self._blocks[block_id]
-            block.ref_cnt -= 1
-            if block.ref_cnt == 0:
-                if block.block_hash is not None:
-                    self._evictable[block_id] = block
-                else:
-                    self._free.append(block_id)
+            self._release_block(block_id)
         self._num_assigned -= len(held)
         logger.debug("freed %d blocks of request %s", len(held), rid)
+
+    def _release_block(self, block_id: int) -> None:
+        """One holder lets go of a block; unheld, it is free (or evictable while cached)."""
+        block = self._blocks[block_id]
+        block.ref_cnt -= 1
+        if block.ref_cnt == 0:
+            if block.block_hash is not None:
+                self._evictable[block_id] = block
+            else:
+                self._free.append(block_id)
 
     def check_invariants(self) -> None:
         """Assert the pool's invariants (tests and debugging; O(num_blocks))."""

@@ -37,6 +37,13 @@ class SchedulerConfig:
     capacity_policy: str = GUARANTEED_NO_EVICT
     enable_prefix_caching: bool = True
     long_prefill_token_threshold: int = 0  # cap on one request's prefill chunk per step; 0 = none
+    # Speculative decoding (scheduler/speculation.py): up to this many draft tokens per request
+    # and step (0 = off); nobody speculates while more than speculative_max_batch_size requests
+    # run; a request whose moving average of accepted drafts per step falls below
+    # speculative_min_acceptance pauses speculating for a while.
+    num_speculative_tokens: int = 0
+    speculative_max_batch_size: int = 8
+    speculative_min_acceptance: float = 0.3
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "max_model_len", "max_num_tokens", "max_batch_size", "block_size"):
@@ -51,6 +58,19 @@ class SchedulerConfig:
         if not isinstance(threshold, int) or threshold < 0:
             raise SchedulerConfigError(
                 f"long_prefill_token_threshold must be an integer >= 0, got {threshold!r}"
+            )
+
+        if not isinstance(self.num_speculative_tokens, int) or self.num_speculative_tokens < 0:
+            raise SchedulerConfigError(
+                f"num_speculative_tokens must be an integer >= 0, got {self.num_speculative_tokens!r}"
+            )
+        if not isinstance(self.speculative_max_batch_size, int) or self.speculative_max_batch_size < 1:
+            raise SchedulerConfigError(
+                f"speculative_max_batch_size must be a positive integer, got {self.speculative_max_batch_size!r}"
+            )
+        if not isinstance(self.speculative_min_acceptance, (int, float)) or self.speculative_min_acceptance < 0:
+            raise SchedulerConfigError(
+                f"speculative_min_acceptance must be a number >= 0, got {self.speculative_min_acceptance!r}"
             )
 
     @property

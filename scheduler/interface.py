@@ -41,6 +41,10 @@ class NewRequestData:
 class CachedRequestData:
     """A request the runner already knows: the blocks it gained since last step.
 
+    Before this step the request holds exactly ``cdiv(num_computed_tokens, block_size)``
+    blocks and ``new_block_ids`` follow them (after a verify step the scheduler freed the
+    blocks that only rejected draft tokens needed: the runner drops them from its table too).
+
     Treat as read-only. Not frozen on purpose: one is built per running request per step
     and a frozen dataclass's __init__ costs about 3x more.
     """
@@ -60,6 +64,12 @@ class SchedulerOutput:
     reach the end of its tokens, counting the one a still-running step is sampling for it (a
     partial prefill chunk samples nothing). ``num_computed_tokens`` in the request data is the
     value before this step.
+
+    ``spec_token_ids[request_id]`` are the draft tokens a speculating request carries: the
+    last ``len(drafts)`` of its scheduled tokens. The runner verifies them (logits at every
+    draft position) and returns the accepted drafts plus one token of the target's own.
+    ``synchronous`` says the next plan depends on this step's results (it holds speculating
+    requests): the engine updates this step before scheduling the next one.
     """
 
     new_requests: list[NewRequestData] = field(default_factory=list)
@@ -70,6 +80,8 @@ class SchedulerOutput:
     finished_request_ids: set[str] = field(default_factory=set)
     # Which schedule() made this plan: update() finds its own record of the step by it.
     step_id: int = 0
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    synchronous: bool = False
 
     @property
     def total_num_scheduled_tokens(self) -> int:

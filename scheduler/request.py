@@ -46,6 +46,12 @@ class Request:
     results ``update()`` has not received yet (0 or 1: the engine runs one step ahead). A
     pending token is real to the runner (it feeds it to the next step from the device) but
     not yet in ``output_token_ids``.
+
+    Speculative decoding (scheduler/speculation.py): ``spec_token_ids`` are draft tokens
+    proposed for the request's next step; once scheduled they count as computed and
+    ``num_drafts_in_flight`` says how many, until ``update()`` learns how many the target
+    accepted and rolls ``num_computed_tokens`` back by the rejected ones. So in general
+    ``num_computed_tokens <= num_tokens + num_pending_tokens + num_drafts_in_flight``.
     """
 
     request_id: str
@@ -62,6 +68,10 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     first_scheduled_time: float | None = None
+    spec_token_ids: list[int] = field(default_factory=list)  # drafts for the next step
+    num_drafts_in_flight: int = 0  # drafts scheduled by a step not updated yet
+    spec_acceptance: float = 1.0  # moving average of drafts accepted per speculative step
+    spec_resume_at: int = 0  # a paused request speculates again from this many outputs
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -11,6 +11,9 @@ one step ahead so the device never waits for the host): ``schedule()`` advances
 pending, so a decode request is scheduled again for a token the runner feeds from the
 device. A request whose pending token will certainly end it (max_tokens, max_model_len) is
 not scheduled again; one that ends on EOS or a stop string runs one wasted token, dropped.
+Speculative requests are the exception: their next step depends on how many of their draft
+tokens were accepted, so they are planned only once their last step was updated
+(scheduler/speculation.py).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from kiln.scheduler.config import SchedulerConfig
 from kiln.scheduler.interface import CachedRequestData, NewRequestData, RunnerOutput, SchedulerOutput
 from kiln.scheduler.request import Request, RequestStatus
 from kiln.scheduler.request_queue import WaitingQueue
+from kiln.scheduler.speculation import SpecDecodeStats, SpeculationPolicy
 from kiln.scheduler.stopping import check_stop
 
 logger = logging.getLogger(__name__)
@@ -46,6 +50,7 @@ class SchedulerStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+    spec_decode: SpecDecodeStats = SpecDecodeStats()
 
 
 @dataclass(frozen=True)
@@ -56,12 +61,14 @@ class _StepRecord:
 
     sampled: set[str]
     refs: dict[str, Request]
+    drafts: dict[str, int]  # speculating requests it samples -> draft tokens they carry (maybe 0)
 
 
 class _StepPlan:
     """What one schedule() call has decided so far (mutable, lives for one call)."""
 
-    __slots__ = ("budget", "num_tokens", "cached", "new_requests", "preempted", "sampled", "refs")
+    __slots__ = ("budget", "num_tokens", "cached", "new_requests", "preempted", "sampled", "refs", "drafts",
+                 "spec_token_ids")
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
@@ -71,9 +78,12 @@ class _StepPlan:
         self.preempted: set[str] = set()
         self.sampled: set[str] = set()  # requests this step samples (their pending count rose)
         self.refs: dict[str, Request] = {}
+        self.drafts: dict[str, int] = {}
+        self.spec_token_ids: dict[str, list[int]] = {}
 
-    def add(self, request: Request, num_new: int) -> None:
-        """Schedule num_new tokens of the request: its computed (and pending) counts advance now."""
+    def add(self, request: Request, num_new: int, drafts: list[int] | None = None, speculates: bool = False) -> None:
+        """Schedule num_new tokens of the request (its ``drafts`` are the last of them): its
+        computed (and pending) counts advance now."""
         rid = request.request_id
         self.num_tokens[rid] = num_new
         self.refs[rid] = request
@@ -82,6 +92,11 @@ class _StepPlan:
         if request.num_computed_tokens >= request.num_tokens + request.num_pending_tokens:
             request.num_pending_tokens += 1
             self.sampled.add(rid)
+            if speculates:
+                self.drafts[rid] = len(drafts) if drafts else 0
+        if drafts:
+            self.spec_token_ids[rid] = drafts
+            request.num_drafts_in_flight = len(drafts)
 
     def unschedule(self, request: Request) -> None:
         """Undo ``add`` (the request is being preempted; its computed count is reset anyway)."""
@@ -92,6 +107,9 @@ class _StepPlan:
         if rid in self.sampled:
             self.sampled.discard(rid)
             request.num_pending_tokens -= 1
+        self.drafts.pop(rid, None)
+        if self.spec_token_ids.pop(rid, None) is not None:
+            request.num_drafts_in_flight = 0
 
 
 def check_fits(cfg: SchedulerConfig, request: Request) -> None:
@@ -135,9 +153,10 @@ class Scheduler:
       * ``_requests`` holds every unfinished request; each is either in ``_running``
         (status RUNNING, holding blocks) or in ``_waiting`` (WAITING/PREEMPTED, no blocks);
       * ``len(_running) <= max_batch_size``; a step schedules at most ``max_num_tokens``;
-      * ``num_computed_tokens <= num_tokens + num_pending_tokens`` for every request, and
-        ``num_pending_tokens`` is 0 outside the window between a schedule() and the update()
-        of the same step (at most one step is ahead);
+      * ``num_computed_tokens <= num_tokens + num_pending_tokens + num_drafts_in_flight``
+        for every unfinished request, and the last two are 0 outside the window between a schedule()
+        and the update() of the same step (at most one step is ahead; none for a request
+        whose step carries drafts);
       * guaranteed_no_evict: the blocks still owed to running requests (their reservation
         for prompt + max_tokens minus what they hold) never exceed the free blocks, so
         running requests always get their next block and nothing is preempted.
@@ -156,6 +175,7 @@ class Scheduler:
         self._step_ids = count(1)
         self._num_reserved = 0  # sum of reservations of running requests (blocks)
         self._num_preemptions = 0
+        self._spec = SpeculationPolicy(config)
 
     # ------------------------------------------------------------------ requests in and out
     def add_request(self, request: Request) -> None:
@@ -235,7 +255,23 @@ class Scheduler:
             prefix_cache_queries=bm.prefix_cache_queries,
             prefix_cache_hits=bm.prefix_cache_hits,
             num_preemptions=self._num_preemptions,
+            spec_decode=self._spec.stats,
         )
+
+    # ------------------------------------------------------------------ speculative decoding
+    def draft_requests(self) -> dict[str, int]:
+        """Requests to propose draft tokens for before the next schedule(), each with the most
+        it may carry: speculating running requests whose next step is a decode (prefill done)
+        and that have nothing in flight. Empty while speculation is off."""
+        return self._spec.draft_requests(self._running)
+
+    def set_draft_tokens(self, drafts: dict[str, list[int]]) -> None:
+        """Draft tokens proposed for running requests; the next schedule() plans them (as many
+        as the budget and ``draft_requests``' limit allow). Unknown ids are ignored."""
+        for rid, tokens in drafts.items():
+            request = self._requests.get(rid)
+            if request is not None and request.status is RUNNING and tokens:
+                request.spec_token_ids = list(tokens)
 
     # ------------------------------------------------------------------ schedule
     def schedule(self) -> SchedulerOutput:
@@ -244,8 +280,11 @@ class Scheduler:
         self._schedule_running(plan)
         if not plan.preempted:  # memory is short: do not admit while evicting
             self._schedule_waiting(plan)
+        if plan.drafts and len(self._running) > self._spec.max_batch_size:
+            # Admissions took the batch past the limit: only requests carrying drafts still verify.
+            plan.drafts = {rid: n for rid, n in plan.drafts.items() if n}
         step_id = next(self._step_ids)
-        self._steps[step_id] = _StepRecord(plan.sampled, plan.refs)
+        self._steps[step_id] = _StepRecord(plan.sampled, plan.refs, plan.drafts)
         output = SchedulerOutput(
             new_requests=plan.new_requests,
             cached_requests=list(plan.cached.values()),
@@ -254,6 +293,8 @@ class Scheduler:
             preempted_request_ids=plan.preempted,
             finished_request_ids=self._finished_ids,
             step_id=step_id,
+            spec_token_ids=plan.spec_token_ids,
+            synchronous=bool(plan.drafts),
         )
         self._finished_ids = set()
         return output
@@ -270,6 +311,8 @@ class Scheduler:
         chunk = self._chunk
         cached = plan.cached
         max_model_len = self.config.max_model_len
+        spec = self._spec
+        speculating = spec.enabled and len(self._running) <= spec.max_batch_size
         for request in list(self._running):  # a copy: preemption edits the list
             if plan.budget <= 0:
                 break
@@ -277,20 +320,38 @@ class Scheduler:
                 continue  # preempted earlier in this loop
             pending = request.num_pending_tokens
             if pending:
+                if request.num_drafts_in_flight:
+                    continue  # its verify step is in flight: where its next step starts is unknown
                 num_outputs = request.num_output_tokens + pending
                 if num_outputs >= request.max_tokens or request.num_prompt_tokens + num_outputs >= max_model_len:
                     continue  # its pending token ends it: update() will finish it
             num_computed = request.num_computed_tokens
-            num_new = chunk(request.num_tokens + pending - num_computed, plan.budget)
+            remaining = request.num_tokens + pending - num_computed
+            drafts = self._take_drafts(request, remaining) if request.spec_token_ids else None
+            num_new = chunk(remaining + (len(drafts) if drafts else 0), plan.budget)
             if num_new <= 0:
                 continue
+            if drafts and num_new < remaining + len(drafts):
+                drafts = drafts[: num_new - remaining]  # the budget cuts drafts first
             new_ids = allocate(request, num_new)
+            if new_ids is None and drafts:  # short of blocks: run without drafts before preempting
+                drafts, num_new = None, remaining
+                new_ids = allocate(request, num_new)
             if new_ids is None:
                 new_ids = self._preempt_until_allocated(request, num_new, plan)
                 if new_ids is None:
                     continue
             cached[request.request_id] = CachedRequestData(request.request_id, new_ids, num_computed)
-            plan.add(request, num_new)
+            plan.add(request, num_new, drafts,
+                     speculating and request.num_output_tokens >= request.spec_resume_at)
+
+    def _take_drafts(self, request: Request, remaining: int) -> list[int] | None:
+        """The request's proposed drafts (taken: they are good for one step), when its step is
+        a decode with nothing in flight; at most ``room`` of them."""
+        drafts, request.spec_token_ids = request.spec_token_ids, []
+        if remaining != 1 or request.num_pending_tokens:
+            return None  # proposed against tokens that have changed since: stale
+        return drafts[: self._spec.room(request)] or None
 
     def _preempt_until_allocated(self, request: Request, num_new: int, plan: _StepPlan) -> list[int] | None:
         """Free blocks by preempting the newest lowest-priority running requests."""
@@ -316,6 +377,7 @@ class Scheduler:
         self.block_manager.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0  # its KV is gone: recompute prompt + outputs so far
+        request.spec_token_ids = []
         request.num_preemptions += 1
         self._num_preemptions += 1
         self._waiting.push(request)
@@ -354,7 +416,8 @@ class Scheduler:
             request.num_cached_tokens = hit.num_tokens
         self._running.append(request)
         rid = request.request_id
-        plan.add(request, num_new)
+        spec = self._spec
+        plan.add(request, num_new, None, spec.speculates(request, len(self._running)))
         plan.new_requests.append(
             NewRequestData(
                 request_id=rid,
@@ -393,6 +456,7 @@ class Scheduler:
         sampled_by_id = runner_output.sampled_token_ids
         expected = record.sampled
         refs = record.refs
+        drafts = record.drafts
         cache_blocks = self.block_manager.cache_computed_blocks
         requests = self._requests
         any_finished = False
@@ -400,9 +464,11 @@ class Scheduler:
             request = requests.get(rid)
             if request is None or request is not refs.get(rid, request):
                 continue  # finished, aborted, or the id now names another request
+            sampled = sampled_by_id.get(rid)
             if rid in expected:
                 request.num_pending_tokens -= 1
-            sampled = sampled_by_id.get(rid)
+                if drafts and rid in drafts:
+                    self._settle_drafts(request, drafts[rid], sampled)
             if (failed and rid in failed) or (rid in expected and not sampled):
                 if not (failed and rid in failed):
                     logger.error("request %s: the runner returned no token for a sampling step", rid)
@@ -418,6 +484,17 @@ class Scheduler:
         if any_finished:
             self._running = [r for r in self._running if r.status is RUNNING]
         return changed
+
+    def _settle_drafts(self, request: Request, num_drafts: int, sampled: list[int] | None) -> None:
+        """A speculating request's step came back: roll its computed tokens back past the
+        rejected drafts (their KV is overwritten later) and free the blocks only they needed."""
+        request.num_drafts_in_flight = 0
+        accepted = min(len(sampled) - 1, num_drafts) if sampled else 0  # none: failed, finished below
+        if accepted < num_drafts and request.status is RUNNING:  # a preempted one has no KV left
+            request.num_computed_tokens -= num_drafts - accepted
+            self.block_manager.trim(request)
+        if sampled:
+            self._spec.record(request, num_drafts, accepted)
 
     def _append_outputs(self, request: Request, sampled: list[int]) -> bool:
         """Append sampled tokens, stopping at the first that ends the request; True if it ended."""

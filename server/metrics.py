@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 PREFIX = "kiln:"
@@ -50,10 +50,29 @@ class _EngineStatsCollector(Collector):
             "prompt_tokens": ("Prompt tokens processed.", s.prompt_tokens),
             "generation_tokens": ("Tokens generated.", s.generation_tokens),
         }
+        spec = s.spec_decode
+        counters["spec_decode_num_draft_tokens"] = ("Draft tokens verified (speculative decoding).",
+                                                    spec.num_draft_tokens)
+        counters["spec_decode_num_accepted_tokens"] = ("Draft tokens accepted (speculative decoding).",
+                                                       spec.num_accepted_tokens)
         for name, (doc, value) in counters.items():
             c = CounterMetricFamily(PREFIX + name, doc, labels=labels)
             c.add_metric([self._model], float(value))
             yield c
+        yield self._acceptance_length(spec)
+
+    def _acceptance_length(self, spec: Any) -> HistogramMetricFamily:
+        """Tokens per verify step (accepted drafts + 1), one bucket per possible length."""
+        h = HistogramMetricFamily(PREFIX + "spec_decode_acceptance_length",
+                                  "Tokens produced per verify step (accepted draft tokens + 1).", labels=["model_name"])
+        counts = spec.acceptance_counts
+        buckets, total = [], 0
+        for length, count in enumerate(counts, start=1):
+            total += count
+            buckets.append((str(float(length)), total))
+        buckets.append(("+Inf", total))
+        h.add_metric([self._model], buckets, float(total + spec.num_accepted_tokens))
+        return h
 
 
 class ServerMetrics:

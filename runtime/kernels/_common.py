@@ -61,9 +61,6 @@ def device_sms(t: torch.Tensor) -> int:
     return 4
 
 
-TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-
-
 @triton.jit
 def fp8_e4m3_round(x, inv_scale):
     """x * inv_scale saturated to +-448 and rounded to nearest-even on the E4M3 grid, as float32.

@@ -61,6 +61,21 @@ def test_latency_reports_ttft_and_decode_rate(tiny_engine: Path, capsys: pytest.
     assert figures["decode_tok_s_best"] == pytest.approx(5 / 0.25)
 
 
+def test_latency_with_speculation_prints_the_mean_acceptance_length(tiny_engine: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # The engine drafts for itself: every draft is accepted, K + 1 tokens per verify step
+    # (fewer only where max_tokens leaves less room).
+    args = ["latency", str(tiny_engine), "--isl", "8", "--osl", "12", "--iterations", "1", "--warmup", "0",
+            "--device", "cpu", "--speculative", "draft", "--draft-engine", str(tiny_engine),
+            "--num-speculative-tokens", "3", "--json"]
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    figures = json.loads(out[0])["figures"]
+    assert 3.0 < figures["mean_acceptance_length"] <= 4.0
+    assert figures["accepted_tokens"] == figures["draft_tokens"] > 0
+    assert "speculative=draft" in out[1] and "mean_acceptance_length" in out[2]
+
+
 def test_missing_engine_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert bench.main(["latency", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

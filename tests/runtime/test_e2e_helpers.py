@@ -111,6 +111,13 @@ class OutputCollector:
                 assert self._joined[(out.request_id, c.index)] == (c.token_ids, c.text)
                 self._choices.setdefault(out.request_id, {})[c.index] = c
 
+    def forget(self, request_id: str) -> None:
+        """Drop what was seen of a request (it was aborted; its id may come back)."""
+        self.final.pop(request_id, None)
+        self._choices.pop(request_id, None)
+        for key in [k for k in self._joined if k[0] == request_id]:
+            del self._joined[key]
+
     def results(self) -> dict[str, RequestOutput]:
         for rid, out in self.final.items():
             out.outputs = [self._choices[rid][i] for i in sorted(self._choices[rid])]

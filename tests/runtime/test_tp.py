@@ -101,6 +101,33 @@ def test_seeded_sampling_and_logprobs_equal_tp1(tinies, root: Path) -> None:
             assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, abs=1e-4)
 
 
+def test_speculative_decoding_at_tp2_equals_transformers(tinies, root: Path) -> None:
+    """Rank 0 verifies the drafts and broadcasts the accepted tokens: every rank appends the
+    same ones and rolls back the same way (drafts accepted and rejected, sampling seeded)."""
+    from kiln.runtime.bench import AcceptanceControlledProposer
+
+    tiny = tinies["qwen2"]
+    prompts = random_prompts(13, [4, 9, 6], tiny.vocab_size)
+    expected = {f"r{i}": tiny.hf_greedy(p, NEW_TOKENS + 4) for i, p in enumerate(prompts)}
+    sampled = SamplingParams(temperature=0.7, seed=11, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1)
+
+    def run(engine_dir: Path) -> tuple[dict, list]:
+        proposer = AcceptanceControlledProposer(expected, 0.6, tiny.vocab_size, seed=3)
+        with LLMEngine.from_engine_dir(engine_dir, proposer=proposer, **engine_options(
+                speculative="external", num_speculative_tokens=3)) as engine:
+            greedy_out = run_batch(engine, prompts, lambda i: greedy(NEW_TOKENS + 4))
+            assert 0 < engine.get_stats().spec_decode.num_accepted_tokens < engine.get_stats().spec_decode.num_draft_tokens
+            engine.add_request("r0", prompts[0], sampled)
+            return greedy_out, drain(engine)["r0"].outputs[0].logprobs
+
+    tp1_greedy, tp1_sampled = run(tiny.engine_dir)
+    tp2_greedy, tp2_sampled = run(build_tp(tiny, 2, root))
+    assert tp1_greedy == tp2_greedy == expected
+    assert [lp.token_id for lp in tp2_sampled] == [lp.token_id for lp in tp1_sampled]
+    for a, b in zip(tp2_sampled, tp1_sampled):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+
+
 class _OneRankOfTwo(Collectives):
     """Rank ``rank`` of a two-rank group whose all-reduce is done by the test (identity here)."""
 
@@ -185,7 +212,7 @@ def test_messages_round_trip() -> None:
                                      frozenset({2}))],
         cached_requests=[CachedRequestData("b", [7], 12)],
         num_scheduled_tokens={"a": 3, "b": 1}, order=["a", "b"], preempted_request_ids={"c"},
-        finished_request_ids={"d"}, step_id=42,
+        finished_request_ids={"d"}, step_id=42, spec_token_ids={"b": [9, 8]}, synchronous=True,
     )
     from kiln.runtime.config import EngineConfig
 

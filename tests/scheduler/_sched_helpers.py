@@ -6,6 +6,11 @@ shadow "KV cache" where each slot holds a fingerprint of the token prefix ending
 position. Before a step runs it checks that every context position the request attends to
 holds the right fingerprint, so a wrong block table, a bad prefix-cache hit or a block
 reused while still in use shows up as a mismatch.
+
+Draft tokens (speculative decoding) are verified like the real runner does: the step runs
+the request's tokens plus its drafts, a random number of leading drafts is accepted and one
+token of the runner's own follows them; the runner then rolls its copy back (computed
+tokens, and the blocks the scheduler freed) exactly as the contract says.
 """
 
 from __future__ import annotations
@@ -95,8 +100,13 @@ class FakeRunner:
             if cached.request_id not in self.tokens:
                 continue  # it failed earlier; like the real runner, fail it again (execute)
             assert cached.num_computed_tokens == self.computed[cached.request_id]
-            self.blocks[cached.request_id].extend(cached.new_block_ids)
+            blocks = self.blocks[cached.request_id]
+            keep = -(-cached.num_computed_tokens // self.block_size)
+            assert len(blocks) >= keep, f"{cached.request_id}: lost blocks"
+            del blocks[keep:]  # freed by the scheduler after rejected drafts
+            blocks.extend(cached.new_block_ids)
         assert set(out.order) == set(out.num_scheduled_tokens)
+        assert set(out.spec_token_ids) <= set(out.order)
 
     def _drop(self, rid: str) -> None:
         for state in (self.tokens, self.num_prompt, self.blocks, self.computed):
@@ -116,19 +126,24 @@ class FakeRunner:
                 self._drop(rid)  # the real runner forgets a request it failed
                 continue
             n = out.num_scheduled_tokens[rid]
+            drafts = out.spec_token_ids.get(rid, [])
             start, tokens = self.computed[rid], self.tokens[rid]
             end = start + n
-            assert 0 < n and end <= len(tokens), f"{rid}: runs [{start}, {end}) of {len(tokens)} tokens"
+            known = tokens + drafts
+            assert 0 < n and end <= len(known), f"{rid}: runs [{start}, {end}) of {len(known)} tokens"
+            assert not drafts or end == len(known), f"{rid}: drafts must end the step"
             assert len(self.blocks[rid]) * self.block_size >= end, f"{rid}: too few blocks"
-            prints = self._fingerprints(tokens, end)
+            prints = self._fingerprints(known, end)
             for pos in range(start):  # context that must already be in the cache
                 assert self.kv.get(self._slot(rid, pos)) == prints[pos], f"{rid}: stale KV at {pos}"
             for pos in range(start, end):
                 self.kv[self._slot(rid, pos)] = prints[pos]
             self.computed[rid] = end
-            if end == len(tokens):
-                new = sample(rid) if sample else [self.rng.randrange(self.vocab)]
+            if end == len(known):
+                accepted = self.rng.randint(0, len(drafts))
+                new = drafts[:accepted] + (sample(rid) if sample else [self.rng.randrange(self.vocab)])
                 sampled[rid] = new
+                self.computed[rid] = end - (len(drafts) - accepted)  # rejected drafts: KV to redo
                 # The runner appends what it sampled; if the scheduler stops the request
                 # mid-list, it is finished and this copy is dropped anyway.
                 tokens.extend(new)

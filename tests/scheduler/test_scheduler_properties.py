@@ -1,10 +1,15 @@
-"""Hypothesis: random arrivals, aborts, stop-string finishes and failures against the scheduler.
+"""Hypothesis: random arrivals, aborts, stop-string finishes, failures and draft tokens against
+the scheduler.
 
 A FakeRunner (see _sched_helpers) executes every plan and checks the KV each step attends
-to, so block-table or prefix-cache mistakes fail here too, not only bookkeeping ones.
+to, so block-table, prefix-cache or draft-rollback mistakes fail here too, not only
+bookkeeping ones. With speculation on, random drafts are proposed for every request the
+scheduler asks for, and the FakeRunner accepts a random number of them.
 """
 
 from __future__ import annotations
+
+import random
 
 import pytest
 from _sched_helpers import FakeRunner, make_request
@@ -25,6 +30,9 @@ configs = st.builds(
     capacity_policy=st.sampled_from(["guaranteed_no_evict", "max_utilization"]),
     enable_prefix_caching=st.booleans(),
     long_prefill_token_threshold=st.sampled_from([0, 0, 3]),
+    num_speculative_tokens=st.sampled_from([0, 1, 3]),
+    speculative_max_batch_size=st.integers(1, 5),
+    speculative_min_acceptance=st.sampled_from([0.0, 0.5]),
 )
 
 # A request: prompt tokens from a tiny alphabet (so prefixes repeat), max_tokens, priority.
@@ -52,7 +60,13 @@ def reservation(req, cfg: SchedulerConfig) -> int:
 
 def check_plan(sched: Scheduler, out, cfg: SchedulerConfig, pipelined: bool = False) -> None:
     bm = sched.block_manager
-    assert out.total_num_scheduled_tokens <= cfg.max_num_tokens
+    assert out.total_num_scheduled_tokens <= cfg.max_num_tokens  # drafts count in the budget
+    for rid, drafts in out.spec_token_ids.items():
+        req = sched.get_request(rid)
+        assert 0 < len(drafts) <= cfg.num_speculative_tokens and len(drafts) < out.num_scheduled_tokens[rid]
+        assert req.num_drafts_in_flight == len(drafts) and out.synchronous
+        # A verify step never yields more outputs than max_tokens allows.
+        assert req.num_output_tokens + len(drafts) + 1 <= req.max_tokens
     assert len(out.num_scheduled_tokens) <= cfg.max_batch_size
     assert sched.num_running <= cfg.max_batch_size
     if cfg.guaranteed_no_evict:
@@ -60,7 +74,7 @@ def check_plan(sched: Scheduler, out, cfg: SchedulerConfig, pipelined: bool = Fa
     owed = 0
     for req in sched._running:
         # schedule() already counted this step's tokens as computed (and its sample as pending).
-        assert req.num_computed_tokens <= req.num_tokens + req.num_pending_tokens
+        assert req.num_computed_tokens <= req.num_tokens + req.num_pending_tokens + req.num_drafts_in_flight
         assert req.num_pending_tokens <= 1 + pipelined
         # Exactly the blocks the computed + scheduled tokens need: no hoarding, no leak.
         assert len(bm.get_block_ids(req.request_id)) == -(-req.num_computed_tokens // cfg.block_size)
@@ -95,12 +109,25 @@ def pick(items: list, index: int | None):
     return items[index % len(items)] if items and index is not None else None
 
 
+def propose(sched: Scheduler, rng: random.Random, vocab: int) -> None:
+    """Random drafts (sometimes none, sometimes fewer than allowed) for whoever may take them."""
+    wanted = sched.draft_requests()
+    for rid, room in wanted.items():
+        req = sched.get_request(rid)
+        assert req.num_pending_tokens == 0 and room <= sched.config.num_speculative_tokens
+    sched.set_draft_tokens({rid: [rng.randrange(vocab) for _ in range(rng.randint(0, room + 1))]
+                            for rid, room in wanted.items()})
+
+
 def drive(cfg: SchedulerConfig, script, seed: int, vocab: int, pipelined: bool = False) -> Scheduler:
     """Play the script against a scheduler and a FakeRunner, checking every step.
 
     ``pipelined``: like the engine, step N+1 is scheduled and run before ``update`` gets step
-    N's results (the FakeRunner, like the real one, appends what it sampled itself).
+    N's results (the FakeRunner, like the real one, appends what it sampled itself). The
+    engine would update a ``synchronous`` step first; here it does not, so the scheduler's
+    own rule (no plan for a request whose drafts are in flight) is what keeps it right.
     """
+    rng = random.Random(seed)
     sched = Scheduler(cfg)
     runner = FakeRunner(cfg.block_size, seed=seed, vocab=vocab, pipelined=pipelined)  # EOS (0) comes up now and then
     admitted: list = []
@@ -123,6 +150,7 @@ def drive(cfg: SchedulerConfig, script, seed: int, vocab: int, pipelined: bool =
         if (victim := pick(unfinished, abort_i)) is not None:
             assert sched.abort_request(victim.request_id)
             assert sched.block_manager.get_block_ids(victim.request_id) == []
+        propose(sched, rng, vocab)
         out = sched.schedule()
         check_plan(sched, out, cfg, pipelined)
         unfinished = [r for r in admitted if not r.is_finished and r.status is RequestStatus.RUNNING]
@@ -131,9 +159,11 @@ def drive(cfg: SchedulerConfig, script, seed: int, vocab: int, pipelined: bool =
         failed = pick(out.order, fail_i)
         run(out, frozenset([failed]) if failed else frozenset())
         for req in admitted:
-            assert req.num_computed_tokens <= req.num_tokens + req.num_pending_tokens
+            if not req.is_finished:  # a stop inside accepted drafts leaves a finished one's count ahead
+                assert req.num_computed_tokens <= req.num_tokens + req.num_pending_tokens + req.num_drafts_in_flight
     steps = 0
     while sched.has_unfinished_requests():  # everything admitted must finish
+        propose(sched, rng, vocab)
         out = sched.schedule()
         check_plan(sched, out, cfg, pipelined)
         run(out)

@@ -67,3 +67,20 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
         assert r.returncode != 0
         assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
         assert r.stderr.startswith("serve-llm: error:")
+
+
+def test_speculative_options_from_flags_and_yaml(tmp_path):
+    cfg = parse_config(["e", "--speculative", "ngram", "--num-speculative-tokens", "3", "--ngram-min", "1",
+                        "--ngram-max", "5", "--speculative-max-batch-size", "4"])
+    engine = cfg.engine
+    assert (engine.speculative, engine.spec_tokens, engine.ngram_min, engine.ngram_max) == ("ngram", 3, 1, 5)
+    assert engine.speculative_max_batch_size == 4 and engine.draft_engine is None
+    path = tmp_path / "c.yaml"
+    path.write_text("engine_dir: e\nspeculative: draft\ndraft_engine: engines/draft\nspeculative_min_acceptance: 0.5\n")
+    engine = parse_config(["--config", str(path)]).engine
+    assert (engine.speculative, engine.draft_engine, engine.speculative_min_acceptance) == ("draft", "engines/draft", 0.5)
+    assert parse_config(["e"]).engine.spec_tokens == 0  # off by default
+    with pytest.raises(ServerConfigError, match="draft_engine"):
+        parse_config(["e", "--speculative", "draft"])
+    with pytest.raises(ServerConfigError, match="ngram_min"):
+        parse_config(["e", "--speculative", "ngram", "--ngram-min", "5", "--ngram-max", "2"])
