@@ -128,4 +128,34 @@ def test_wire_messages_round_trip() -> None:
         delta_logprobs=[TokenLogprob(7, -0.25, [(7, -0.25)])])], True, RequestMetrics(1.0, 2.0, 3.0, 4.0, 5.0, 6), 6)
     packed = pack_output(out)
     assert pickle.loads(pickle.dumps(packed)) == packed
-    assert packed == ("r", True, (1.0, 2.0, 3.0, 4.0, 5.0, 6), 6, [(1, "b", [7], "stop", "x", [(7, -0.25, [(7, -0.25)])])])
+    assert packed == ("r", True, (1.0, 2.0, 3.0, 4.0, 5.0, 6), 6, [(1, "b", [7], "stop", "x", [(7, -0.25, [(7, -0.25)])])],
+                      None)
+
+
+def test_new_fields_cross_the_boundary() -> None:
+    """SamplingParams' constraints pickle as they are; prompt logprobs cross once (with a
+    request's first output) and every later output of it still carries them."""
+    import pickle
+
+    from kiln.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
+    from kiln.scheduler.sampling_params import StructuredOutput
+    from kiln.server.engine_process import EngineProcess, _Live, _pack_once
+
+    params = SamplingParams(logit_bias={3: -100.0, 7: 2.5}, prompt_logprobs=2,
+                            structured_output=StructuredOutput("json", '{"type": "object"}'))
+    assert pickle.loads(pickle.dumps(params)) == params
+    prompt_lps = [None, TokenLogprob(2, -1.5, [(4, -0.5), (2, -1.5)])]
+    metrics = RequestMetrics(1.0)
+
+    def step(ids: list[int], finished: bool) -> RequestOutput:
+        return RequestOutput("r", None, [1, 2], [CompletionOutput(0, delta_token_ids=ids, finish_reason=(
+            "stop" if finished else None))], finished, metrics, prompt_logprobs=prompt_lps)
+
+    sent: set[str] = set()
+    wire = [pickle.loads(pickle.dumps(_pack_once(step(ids, done), sent))) for ids, done in (([5], False), ([6], True))]
+    assert wire[0][-1] == [None, (2, -1.5, [(4, -0.5), (2, -1.5)])] and wire[1][-1] is None and not sent
+    receiver = EngineProcess.__new__(EngineProcess)  # only its request table: no child process
+    receiver._live = {"r": _Live(None, [1, 2])}
+    outs = [receiver._unpack(w) for w in wire]
+    assert [o.prompt_logprobs for o in outs] == [prompt_lps, prompt_lps]
+    assert outs[1].outputs[0].token_ids == [5, 6]
