@@ -79,8 +79,12 @@ def pick_gemv_config(n: int, k: int, m: int, group: int) -> Int4GemvConfig:
     if tuned is not None:
         return tuned
     if m <= 2:
-        return Int4GemvConfig(block_n=8 // m, groups_per_step=max(1, min(1024, k) // group), num_warps=4, num_stages=3)
+        return Int4GemvConfig(block_n=8 // m, groups_per_step=_pow2_floor(max(1, min(1024, k) // group)))
     return Int4GemvConfig(block_n=64, num_warps=4, num_stages=4, use_dot=True)
+
+
+def _pow2_floor(v: int) -> int:
+    return 1 << (int(v).bit_length() - 1)
 
 
 def pick_gemm_config(n: int, k: int, m: int, group: int) -> Int4GemmConfig:
@@ -238,7 +242,7 @@ def gemv_int4(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
         return out
     cfg = config or pick_gemv_config(n, k, m, group_size)
     rows = next_pow2(m)
-    groups = 1 if cfg.use_dot else max(1, min(cfg.groups_per_step, next_pow2(k // group_size)))
+    groups = 1 if cfg.use_dot else _pow2_floor(max(1, min(cfg.groups_per_step, k // group_size)))
     res = residual if residual is not None else out
     _gemv_int4_kernel[(triton.cdiv(n, cfg.block_n),)](
         x, weight, scales, zeros if zeros is not None else scales, prequant if prequant is not None else scales,
