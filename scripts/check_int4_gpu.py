@@ -36,8 +36,8 @@ from bench_gemv_gpu import graph_ms, rel_err  # noqa: E402  (shared timing helpe
 
 from kiln.engine_builder.int4 import pack_int4  # noqa: E402
 from kiln.runtime.kernels.gemv import gemv  # noqa: E402
-from kiln.runtime.kernels.int4 import (Int4GemmConfig, Int4GemvConfig, _m_class, gemm_int4, gemv_int4,  # noqa: E402
-                                       repack)
+from kiln.runtime.kernels.int4 import (Int4GemmConfig, Int4GemvConfig, _m_class, dequantize_int4,  # noqa: E402
+                                       gemm_int4, gemv_int4, repack)
 from kiln.runtime.quant.int4 import fused_linear_int4  # noqa: E402
 
 DEV, DT, EPS, GROUP = "cuda", torch.bfloat16, 1e-5, 128
@@ -122,13 +122,15 @@ def time_gemm(weights: list[Weights], x: torch.Tensor, cfg: Int4GemmConfig | Non
 
 
 def per_shape(results: dict, best: dict) -> list[str]:
-    rows = ["shape         M   int4 us (GB/s, % of copy)   bf16 us   speed-up"]
-    print("(b) per shape, group 128 with zero points; bf16 = Kiln's gemv (M <= 8) or cuBLAS")
+    rows = ["shape         M   int4 us (GB/s, % of copy)   bf16 us   speed-up   dequant+cuBLAS us"]
+    print("(b) per shape, group 128 with zero points; bf16 = Kiln's gemv (M <= 8) or cuBLAS; from M = 16 "
+          "also dequantize_int4 + cuBLAS (what Int4Linear runs from DEQUANTIZE_FROM_ROWS rows)")
     for name in [s for s in SHAPES if s.startswith("8b.")]:
         n, k, fusion = SHAPES[name]
         weights = [Weights(n, k) for _ in range(copies_for(n * k // 2))]
         bf16 = [torch.randn(n, k, device=DEV, dtype=DT) * k ** -0.5 for _ in range(max(2, len(weights) // 4))]
-        for m in GEMV_MS + GEMM_MS[:3]:
+        for m in GEMV_MS + GEMM_MS:
+            t_dq = float("nan")
             if m in GEMV_MS:
                 x, kw = fused_kwargs(fusion, m, n, k)
                 t = time_gemv(weights, x, kw, best.get((name, _m_class(m))))
@@ -137,12 +139,13 @@ def per_shape(results: dict, best: dict) -> list[str]:
                 x = torch.randn(m, k, device=DEV).to(DT)
                 t = time_gemm(weights, x, best.get((name, _m_class(m))))
                 t16 = graph_ms(lambda: [F.linear(x, b) for b in bf16], len(bf16), 5, 3)[0]
+                t_dq = graph_ms(lambda: [F.linear(x, dequantize_int4(*w.args())) for w in weights], len(weights), 5, 3)[0]
             gbs = weights[0].nbytes / t / 1e6
             line = (f"{name:12s} {m:4d}   {t * 1e3:8.1f} ({gbs:5.0f}, {gbs * 1e9 / H200_COPY_CEILING:4.0%})"
-                    f"        {t16 * 1e3:8.1f}   {t16 / t:5.2f}x")
+                    f"        {t16 * 1e3:8.1f}   {t16 / t:5.2f}x   {t_dq * 1e3:8.1f}")
             print("  " + line)
             rows.append(line)
-            results.setdefault("per_shape", []).append([name, m, t, gbs, t16])
+            results.setdefault("per_shape", []).append([name, m, t, gbs, t16, t_dq])
         del weights, bf16
         torch.cuda.empty_cache()
     return rows

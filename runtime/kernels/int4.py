@@ -20,7 +20,8 @@ conversion instruction, whose throughput is a fraction of the ALUs').
 of the raw activation, the residual add; the same helpers, so the rounding points are the same)
 plus an optional per-input pre-quantization scale. Per K step it runs either on the CUDA cores
 over GROUPS_PER_STEP groups at once or as tensor-core dots on one group (rows padded to 16).
-``gemm_int4`` tiles any number of rows (tensor cores, one group per K step).
+``gemm_int4`` tiles any number of rows (tensor cores, one group per K step). For prefill-sized
+batches ``dequantize_int4`` writes W in the model dtype (rounded once) for cuBLAS instead.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ from ._common import SUPPORTED_DTYPES, KernelInputError, check, check_dtype, dot
 from .gemv import MAX_ROWS, _row_rstd, _store, _x_step
 
 GROUP_SIZES = (32, 64, 128, 256)
+DEQUANTIZE_FROM_ROWS = 1024
+"""From this many rows ``Int4Linear`` dequantizes the weight to the model dtype and calls cuBLAS:
+a prefill chunk is compute-bound, where the weight's extra write and read cost a few percent of
+the GEMM and cuBLAS beats the Triton W4A16 GEMM (not yet measured: scripts/check_int4_gpu.py)."""
 _MAGIC = 0x4B000008  # fp32 bits of 2^23 + 8; xor with a nibble n gives 2^23 + (n ^ 8) = 2^23 + q + 8
 _MAGIC_VALUE = 8388616.0  # 2^23 + 8
 
@@ -313,6 +318,42 @@ def gemm_int4(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
     return out
 
 
+# ----------------------------------------------------------------------------- dequantize (large M)
+
+
+@triton.jit
+def _dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, stride_wn, stride_on, GROUP: tl.constexpr,
+                       BLOCK_N: tl.constexpr, ZERO: tl.constexpr):
+    HALF: tl.constexpr = GROUP // 2
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    g = tl.program_id(1)
+    n_ok = offs_n < N
+    offs = tl.arange(0, HALF)
+    lo, hi = _unpack(tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + (g * HALF + offs)[None, :],
+                             mask=n_ok[:, None], other=0))
+    s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    z = 0.0
+    if ZERO:
+        z = tl.load(z_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    rows = out_ptr + offs_n.to(tl.int64)[:, None] * stride_on + g * GROUP + offs[None, :]
+    tl.store(rows, (lo * s + z).to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
+    tl.store(rows + HALF, (hi * s + z).to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
+
+
+def dequantize_int4(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                    group_size: int) -> torch.Tensor:
+    """W [N, K] = q * s + z (fp32, rounded to the scales' dtype) from the kernel layout: for
+    batches large enough that cuBLAS on W beats ``gemm_int4`` despite writing and reading it."""
+    x = torch.empty((0, weight.shape[1] * 2), dtype=scales.dtype, device=weight.device)
+    _, n, k = _check(x, weight, scales, zeros, group_size, False)
+    out = torch.empty((n, k), dtype=scales.dtype, device=weight.device)
+    block_n = 32
+    _dequantize_kernel[(triton.cdiv(n, block_n), k // group_size)](
+        weight, scales, zeros if zeros is not None else scales, out, n, weight.stride(0), out.stride(0),
+        GROUP=group_size, BLOCK_N=block_n, ZERO=zeros is not None, num_warps=4)
+    return out
+
+
 def _check(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
            group_size: int, silu_mul: bool) -> tuple[int, int, int]:
     """(M, N, K) after checking the shared arguments; KernelInputError names the first problem."""
@@ -335,5 +376,6 @@ def _check(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: t
     return x.shape[0], n, k
 
 
-__all__ = ["GROUP_SIZES", "Int4GemmConfig", "Int4GemvConfig", "KernelInputError", "gemm_int4", "gemv_int4",
-           "pick_gemm_config", "pick_gemv_config", "repack", "SUPPORTED_DTYPES"]
+__all__ = ["DEQUANTIZE_FROM_ROWS", "GROUP_SIZES", "Int4GemmConfig", "Int4GemvConfig", "KernelInputError",
+           "SUPPORTED_DTYPES", "dequantize_int4", "gemm_int4", "gemv_int4", "pick_gemm_config", "pick_gemv_config",
+           "repack"]

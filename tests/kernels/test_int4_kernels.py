@@ -105,6 +105,12 @@ def test_gemm_int4_symmetric_default_config_strided_rows(device, gen):
     assert rel_err(out, _reference(x, w)) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("zero", [False, True])
+def test_dequantize_int4(zero, device, gen):
+    w8, scales, zeros, w = _weights(40, 128, 64, zero, torch.float32, device, gen)
+    torch.testing.assert_close(int4.dequantize_int4(w8, scales, zeros, 64).cpu().double(), w, rtol=1e-6, atol=1e-7)
+
+
 def test_repack_puts_group_halves_in_the_nibbles():
     q = torch.arange(64, dtype=torch.int8).remainder(16).sub(8).reshape(1, 64)
     packed = int4.repack(pack_int4(q), 32).view(torch.uint8)[0]
@@ -179,7 +185,7 @@ def test_int4_linear_on_the_triton_kernel_set_equals_the_reference(device, gen):
 
     ref, kern = method(KernelSet()), method(KernelSet(name="triton"))
     assert kern.has_small and not ref.has_small
-    for rows in (3, 12):
+    for rows in (3, 12, int4.DEQUANTIZE_FROM_ROWS):  # gemv, gemm, dequantize + F.linear
         x = torch.randn(rows, 64, generator=gen).to(device)
         assert rel_err(kern.apply(kern.prepare(x)), ref.apply(ref.prepare(x))) < TOL[torch.float32]
     h, res, norm_w = torch.randn(2, 64, generator=gen), torch.randn(2, 64, generator=gen), torch.rand(64, generator=gen)
