@@ -44,6 +44,18 @@ def int4_quantization(algo: str, group_size: int, zero_point: bool, pre_quant_sc
             "exclude_modules": list(EXCLUDED_MODULES)}
 
 
+def int4_piece(name: str, rank: int) -> str:
+    """The plan's source name for rank ``rank``'s engine tensor ``name`` of a quantized linear: the
+    quantizing source assembles the whole tensor (int4_quantize.Int4Source)."""
+    return f"{name}@rank{rank}"
+
+
+def parse_int4_piece(source: str) -> tuple[str, int] | None:
+    """(engine tensor name, rank) of an ``int4_piece`` name, else None."""
+    name, sep, rank = source.rpartition("@rank")
+    return (name, int(rank)) if sep and rank.isdigit() else None
+
+
 @dataclass
 class QuantizedWeight:
     """One linear in the layout above, unpacked: ``q`` int8 [N, K] in [-8, 7], ``scales`` and

@@ -210,17 +210,24 @@ def _fma_groups(x_ptr, w_rows, s_ptr, z_ptr, p_ptr, norm_ptr, rstd, n_safe, g0, 
     k_ok = tl.reshape(g_ok[:, None] & (offs < HALF)[None, :], [GROUPS * HALF])
     x_lo = _x_step(x_ptr, norm_ptr, rstd, stride_xm, M, K, k_lo, k_ok, BLOCK_M, EVEN_G, NORM, SILU_MUL)
     x_hi = _x_step(x_ptr, norm_ptr, rstd, stride_xm, M, K, k_lo + HALF, k_ok, BLOCK_M, EVEN_G, NORM, SILU_MUL)
-    x_lo = tl.reshape(_prescale(x_lo, p_ptr, k_lo, k_ok, PREQUANT).to(tl.float32), [GROUPS, HALF, BLOCK_M])
-    x_hi = tl.reshape(_prescale(x_hi, p_ptr, k_lo + HALF, k_ok, PREQUANT).to(tl.float32), [GROUPS, HALF, BLOCK_M])
+    x_lo = _prescale(x_lo, p_ptr, k_lo, k_ok, PREQUANT).to(tl.float32)
+    x_hi = _prescale(x_hi, p_ptr, k_lo + HALF, k_ok, PREQUANT).to(tl.float32)
     sz_ptrs = gi[None, :] * N + n_safe[:, None]  # [BLOCK_N, GROUPS]
     s = tl.load(s_ptr + sz_ptrs, mask=g_ok[None, :], other=0.0).to(tl.float32)
-    part = tl.sum(lo[:, :, :, None] * x_lo[None, :, :, :], 2) + tl.sum(hi[:, :, :, None] * x_hi[None, :, :, :], 2)
-    out = part * s[:, :, None]  # [BLOCK_N, GROUPS, BLOCK_M]
+    z = s * 0.0
     if ZERO:
         z = tl.load(z_ptr + sz_ptrs, mask=g_ok[None, :], other=0.0).to(tl.float32)
-        xsum = tl.sum(x_lo, 1) + tl.sum(x_hi, 1)  # [GROUPS, BLOCK_M]
-        out += z[:, :, None] * xsum[None, :, :]
-    return tl.sum(out, 1)
+    if BLOCK_M == 1:  # one row: 3-D tiles, [BLOCK_N, GROUPS] partial sums
+        x_lo = tl.reshape(x_lo, [GROUPS, HALF])
+        x_hi = tl.reshape(x_hi, [GROUPS, HALF])
+        part = tl.sum(lo * x_lo[None, :, :], 2) + tl.sum(hi * x_hi[None, :, :], 2)
+        out = part * s + z * (tl.sum(x_lo, 1) + tl.sum(x_hi, 1))[None, :]
+        return tl.sum(out, 1)[:, None]
+    x_lo = tl.reshape(x_lo, [GROUPS, HALF, BLOCK_M])
+    x_hi = tl.reshape(x_hi, [GROUPS, HALF, BLOCK_M])
+    part = tl.sum(lo[:, :, :, None] * x_lo[None, :, :, :], 2) + tl.sum(hi[:, :, :, None] * x_hi[None, :, :, :], 2)
+    xsum = tl.sum(x_lo, 1) + tl.sum(x_hi, 1)  # [GROUPS, BLOCK_M]
+    return tl.sum(part * s[:, :, None] + z[:, :, None] * xsum[None, :, :], 1)
 
 
 def gemv_int4(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
