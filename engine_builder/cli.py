@@ -15,6 +15,8 @@ examples:
       a Hugging Face model directory, split over 2 GPUs
   build-llm --random-weights llama-3.1-8b --output engines/rand8b --force
       random weights shaped like Llama-3.1-8B (for benchmarks; no tokenizer)
+  build-llm /models/Llama-3.1-8B-Instruct --output engines/llama8b-fp8 --fp8 --kv-cache-dtype fp8
+      FP8 weights and activations (calibrated; prints a perplexity report) and an FP8 KV cache
 
 supported architectures: {architectures}
 The output follows TensorRT-LLM's checkpoint layout (config.json, rank{{N}}.safetensors) plus
@@ -24,6 +26,8 @@ tokenizer files, generation_config.json and a manifest, kiln.json.
 
 def make_parser() -> argparse.ArgumentParser:
     from kiln.engine_builder.architectures import supported_architectures
+    from kiln.engine_builder.calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN
+    from kiln.engine_builder.quantize import KV_CACHE_DTYPES
     from kiln.engine_builder.random_weights import available_presets
 
     parser = argparse.ArgumentParser(
@@ -47,9 +51,38 @@ def make_parser() -> argparse.ArgumentParser:
         "--dtype", metavar="DTYPE",
         help="bfloat16, float16 or float32 (default: the source's torch_dtype, else bfloat16)",
     )
+    fp8 = parser.add_argument_group("FP8 quantization")
+    fp8.add_argument("--fp8", action="store_true",
+                     help="FP8 (E4M3) linears with per-tensor weight scales and calibrated static activation scales "
+                          "(TensorRT-LLM's layout; lm_head and the embedding stay in the model dtype)")
+    fp8.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                     help="fp8: also store per-layer KV-cache scales (kv_cache_quant_algo FP8); needs --fp8")
+    fp8.add_argument("--calib-data", metavar="FILE",
+                     help="calibration text: .txt, or .jsonl with a \"text\" field per line (default: the Python "
+                          "Language Reference topics shipped with CPython, pydoc_data)")
+    fp8.add_argument("--calib-samples", type=int, default=DEFAULT_NUM_SAMPLES, metavar="N",
+                     help=f"calibration windows (default {DEFAULT_NUM_SAMPLES})")
+    fp8.add_argument("--calib-seq-len", type=int, default=DEFAULT_SEQ_LEN, metavar="L",
+                     help=f"tokens per calibration window (default {DEFAULT_SEQ_LEN})")
+    fp8.add_argument("--quality-samples", type=int, default=16, metavar="N",
+                     help="held-out windows scored for the perplexity report (default 16; 0 skips the report)")
     parser.add_argument("--force", action="store_true", help="replace DIR if it exists (only once the new build is complete)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     return parser
+
+
+def _fp8_options(args: argparse.Namespace):
+    """Fp8Options from the flags, None without --fp8 (the FP8-only flags then are errors)."""
+    from kiln.engine_builder.errors import BuildOptionError
+    from kiln.engine_builder.quantize import Fp8Options
+
+    if not args.fp8:
+        if args.kv_cache_dtype == "fp8" or args.calib_data is not None:
+            raise BuildOptionError("--kv-cache-dtype fp8 and --calib-data need --fp8")
+        return None
+    return Fp8Options(kv_cache_fp8=args.kv_cache_dtype == "fp8", calib_data=args.calib_data,
+                      calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
+                      quality_samples=args.quality_samples)
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
@@ -66,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = build_engine(
             args.source, args.output, tp=args.tp, dtype=args.dtype, force=args.force,
-            progress=not args.quiet, random_weights=args.random_weights, seed=args.seed,
+            progress=not args.quiet, random_weights=args.random_weights, seed=args.seed, fp8=_fp8_options(args),
         )
     except EngineBuilderError as exc:
         print(f"build-llm: error: {exc}", file=sys.stderr)

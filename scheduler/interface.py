@@ -90,9 +90,12 @@ class RunnerOutput:
     decoding). ``logprobs[request_id]`` holds, per sampled token, (chosen token logprob,
     [(token_id, logprob), ...] top alternatives) when the request asked for logprobs.
     ``failed_request_ids`` are requests whose step raised; the scheduler finishes them with
-    an error and the rest of the batch goes on.
+    an error and the rest of the batch goes on. ``prompt_logprobs[request_id]`` lists, for the
+    prompt tokens this step scored (SamplingParams.prompt_logprobs), (position, logprob,
+    [(token_id, logprob), ...] top alternatives); the scheduler ignores it.
     """
 
     sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, list[tuple[float, list[tuple[int, float]]]]] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[tuple[int, float, list[tuple[int, float]]]]] = field(default_factory=dict)
     failed_request_ids: set[str] = field(default_factory=set)

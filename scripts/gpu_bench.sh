@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# Offline GPU benchmark of Kiln on a random-weight Llama-3.1-8B-shaped engine (bf16).
+# Offline GPU benchmark of Kiln on a random-weight Llama-3.1-8B-shaped engine (bf16, or FP8).
 #
 #   RUNS="tests profile latency tp128 tp1000 tp2048" scripts/gpu_bench.sh
+#   PRECISION=fp8 RUNS="latency tp128 tp1000 tp2048" scripts/gpu_bench.sh
+#
+# PRECISION=fp8 builds `--random-weights llama-3.1-8b --fp8 --kv-cache-dtype fp8` (FP8 linears,
+# KV-cache scales) into $ENGINE, default /dev/shm/kiln-rand8b-fp8 (tmpfs: the build and the
+# load skip the disk), and runs the same benchmarks on it.
 #
 # Runs (default: "latency tp128"):
 #   tests     GPU pytest of the runtime (CUDA graphs vs eager, runner vs transformers)
@@ -22,7 +27,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 RUNS=${RUNS:-"latency tp128"}
-ENGINE=${ENGINE:-/tmp/kiln-rand8b}
+PRECISION=${PRECISION:-bf16}
+case $PRECISION in
+    bf16) ENGINE=${ENGINE:-/tmp/kiln-rand8b}; BUILD_ARGS=() ;;
+    fp8) ENGINE=${ENGINE:-/dev/shm/kiln-rand8b-fp8}; BUILD_ARGS=(--fp8 --kv-cache-dtype fp8) ;;
+    *) echo "PRECISION must be bf16 or fp8"; exit 2 ;;
+esac
 OUT=${OUT:-/tmp/kiln-bench-out}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT" /tmp/kp/kiln
@@ -35,7 +45,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 
 if [ ! -f "$ENGINE/kiln.json" ]; then
     start=$(date +%s)
-    python -m kiln.engine_builder.cli --random-weights llama-3.1-8b --dtype bfloat16 --output "$ENGINE" --force -q \
+    python -m kiln.engine_builder.cli --random-weights llama-3.1-8b --dtype bfloat16 "${BUILD_ARGS[@]}" \
+        --output "$ENGINE" --force -q \
         > "$OUT/build.log" 2>&1 || { tail -20 "$OUT/build.log"; exit 1; }
     echo "engine built in $(( $(date +%s) - start )) s"
 fi
@@ -56,7 +67,7 @@ for run in $RUNS; do
     case $run in
         tests)
             python -m pytest -q -p no:cacheprovider tests/runtime/test_cuda_graphs.py tests/runtime/test_runner_gpu.py \
-                tests/runtime/test_engine_gpu.py tests/kernels/test_gemv.py \
+                tests/runtime/test_engine_gpu.py tests/kernels/test_gemv.py tests/kernels/test_fp8_kernels.py \
                 > "$OUT/tests.log" 2>&1; echo "tests rc=$?: $(tail -1 "$OUT/tests.log")" ;;
         profile)  # one process per configuration: each loads the 16 GB engine
             for prof in ${PROFILES:-1 256 256e}; do  # BATCH[e][t]: e = enforce_eager, t = kernel trace
@@ -78,6 +89,7 @@ for run in $RUNS; do
 done
 
 echo
+echo "engine: $ENGINE ($PRECISION)"
 echo "| run | arguments | figures |"
 echo "|---|---|---|"
 for row in "${SUMMARY[@]}"; do echo "| $row |"; done
