@@ -18,6 +18,12 @@ from typing import Any
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 
+# Quantization defaults (calibration.py and quantize.py use these; here so --help needs no torch).
+KV_CACHE_DTYPES = ("auto", "fp8")
+DEFAULT_CALIB_SAMPLES = 64
+DEFAULT_CALIB_SEQ_LEN = 512
+DEFAULT_QUALITY_SAMPLES = 16
+
 # The architectures the registry (architectures.py) converts, for --help without importing it;
 # tests/test_cli_help.py checks the two agree.
 SUPPORTED_ARCHITECTURES_HELP = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"
@@ -51,6 +57,24 @@ def add_build_options(parser: argparse.ArgumentParser, title: str = "build optio
         group.add_argument("--dtype", metavar="DTYPE",  # checked (and aliases resolved) by build_engine
                            help="bfloat16 (bf16), float16 (fp16, half) or float32 (fp32, float) "
                                 "(default: the source's torch_dtype, else bfloat16)"),
+    ]
+    quant = parser.add_argument_group("quantization")
+    actions += [
+        quant.add_argument("--fp8", action="store_true",
+                           help="FP8 (E4M3) linears with per-tensor weight scales and calibrated static activation "
+                                "scales (TensorRT-LLM's layout; lm_head and the embedding stay in the model dtype)"),
+        quant.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
+                           help="fp8: also store per-layer KV-cache scales (kv_cache_quant_algo FP8); needs --fp8"),
+        quant.add_argument("--calib-data", metavar="FILE",
+                           help="calibration text: .txt, or .jsonl with a \"text\" field per line (default: the Python "
+                                "Language Reference topics shipped with CPython, pydoc_data)"),
+        quant.add_argument("--calib-samples", type=int, metavar="N",
+                           help=f"calibration windows (default {DEFAULT_CALIB_SAMPLES})"),
+        quant.add_argument("--calib-seq-len", type=int, metavar="L",
+                           help=f"tokens per calibration window (default {DEFAULT_CALIB_SEQ_LEN})"),
+        quant.add_argument("--quality-samples", type=int, metavar="N",
+                           help=f"held-out windows scored for the perplexity report (default {DEFAULT_QUALITY_SAMPLES}; "
+                                "0 skips the report)"),
     ]
     return tuple(a.dest for a in actions)
 

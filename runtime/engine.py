@@ -247,6 +247,10 @@ class LLMEngine:
                      touched: dict[str, dict[int, CompletionOutput]]) -> None:
         """Collect a launched step, give its results to the scheduler, build the outputs."""
         runner_output = self._collect(handle, scheduler_output)
+        for request_id, entries in runner_output.prompt_logprobs.items():
+            tracker = self._children.get(request_id)
+            if tracker is not None:
+                tracker.add_prompt_logprobs(entries)
         changed = self.scheduler.update(scheduler_output, runner_output)
         self._process_all(changed, runner_output, touched)
 
@@ -336,6 +340,7 @@ class LLMEngine:
             finished=parent.finished,
             metrics=parent.metrics.snapshot(),  # the parent's own keeps changing
             num_cached_tokens=parent.metrics.num_cached_tokens,
+            prompt_logprobs=getattr(self._children.get(parent.child_ids[0]), "prompt_logprobs", None),
         )
         if parent.finished:
             del self._parents[parent_id]

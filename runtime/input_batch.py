@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from kiln.runtime.attention import AttentionMetadata
+from kiln.runtime.prompt_logprobs import PromptLogprobsBatch, plan_prompt_logprobs
 from kiln.runtime.sampler import SamplingMetadata, SamplingRows
 from kiln.runtime.staging import Staging
 from kiln.scheduler.interface import SchedulerOutput
@@ -61,6 +62,7 @@ class ModelInputs:
     num_reqs: int = 0
     graph_batch_size: int | None = None
     sample_rows: torch.Tensor | None = None  # [S] int64 device: the rows sampled, logits order
+    prompt_logprobs: PromptLogprobsBatch | None = None  # prompt tokens scored this step (their logits rows follow)
 
 
 @dataclass
@@ -111,6 +113,7 @@ class InputBatch:
         self.num_computed = np.zeros(max_batch_size, dtype=np.int64)
         self.num_blocks_of = np.zeros(max_batch_size, dtype=np.int64)
         self.num_prompt = np.zeros(max_batch_size, dtype=np.int64)
+        self.prompt_logprobs = np.full(max_batch_size, -1, dtype=np.int64)  # SamplingParams.prompt_logprobs, -1 = none
         self.num_pending = np.zeros(max_batch_size, dtype=np.int64)
         self.row_gen = np.zeros(max_batch_size, dtype=np.int64)
         self.last_sampled = torch.zeros(max_batch_size, dtype=torch.int64, device=device)
@@ -171,6 +174,7 @@ class InputBatch:
         self.num_tokens[row] = len(ids)
         self.num_computed[row] = num_computed_tokens
         self.num_prompt[row] = num_prompt_tokens
+        self.prompt_logprobs[row] = -1 if params.prompt_logprobs is None else params.prompt_logprobs
         self.num_pending[row] = 0
         self.row_gen[row] += 1
         self.sampling.set(row, params, eos_token_ids)
@@ -276,6 +280,9 @@ class InputBatch:
             inputs = self._decode_inputs(rows, starts, graph_sizes)
         else:
             inputs = self._mixed_inputs(rows, starts, counts, seq_lens, sampled)
+            if (self.prompt_logprobs[rows] >= 0).any():
+                inputs.prompt_logprobs = plan_prompt_logprobs(order, rows, self.prompt_logprobs[rows], starts, counts,
+                                                              self.num_prompt[rows], self.token_ids, self.device)
         sampled_ids = order if len(sampled) == len(order) else [order[i] for i in sampled]
         sampled_rows = rows[sampled]
         return inputs, self._sampling_batch(sampled_ids, sampled_rows), sampled_rows

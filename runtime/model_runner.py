@@ -279,6 +279,10 @@ class ModelRunner:
             self._resolve_all()
         inputs, sampling, rows = batch.prepare(scheduled, self.graphs.sizes if self.graphs is not None else ())
         logits = self._forward(inputs)
+        if inputs.prompt_logprobs is not None:  # their rows follow the sampled ones
+            split = logits.shape[0] - inputs.prompt_logprobs.num_rows
+            handle.output.prompt_logprobs = inputs.prompt_logprobs.collect(logits[split:])
+            logits = logits[:split]
         if not sampling.request_ids:
             return handle
         sampled = self._sample(logits, sampling)
@@ -341,7 +345,10 @@ class ModelRunner:
         if inputs.graph_batch_size is not None and self.graphs is not None:
             hidden = self.graphs.replay(inputs.graph_batch_size)
             return self.model.logits(hidden[: inputs.num_reqs])
-        return self.model(inputs.input_ids, inputs.positions, self.kv_cache.kv, inputs.attn, inputs.logits_indices)
+        indices = inputs.logits_indices
+        if inputs.prompt_logprobs is not None:
+            indices = torch.cat([indices, inputs.prompt_logprobs.token_index])
+        return self.model(inputs.input_ids, inputs.positions, self.kv_cache.kv, inputs.attn, indices)
 
     def _sample(self, logits: torch.Tensor, sampling: SamplingBatch) -> SamplerOutput:
         """Rank 0 samples; with tensor parallelism the other ranks receive its ids (every

@@ -98,6 +98,9 @@ class RequestOutput:
 
     ``outputs`` lists the choices that changed in that step (all of them in ``LLM.generate``
     results), sorted by index. ``finished`` is True once every choice has finished.
+    ``prompt_logprobs`` (when SamplingParams.prompt_logprobs was set) has one entry per prompt
+    token: None for the first, then its logprob given the tokens before it with the top
+    alternatives; it is complete once the prompt's prefill is (by the first output token).
     """
 
     request_id: str
@@ -107,6 +110,7 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     num_cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -149,7 +153,7 @@ def merge_request_outputs(earlier: RequestOutput, later: RequestOutput) -> Reque
     return RequestOutput(
         request_id=later.request_id, prompt=later.prompt, prompt_token_ids=later.prompt_token_ids,
         outputs=[choices[i] for i in sorted(choices)], finished=later.finished, metrics=later.metrics,
-        num_cached_tokens=later.num_cached_tokens,
+        num_cached_tokens=later.num_cached_tokens, prompt_logprobs=later.prompt_logprobs,
     )
 
 
@@ -177,6 +181,8 @@ class SequenceTracker:
         self.text = ""
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        # One entry per prompt token scored so far (None for the first); grows during prefill.
+        self.prompt_logprobs: list[TokenLogprob | None] | None = [None] if params.prompt_logprobs is not None else None
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.stop_string_hit = False
@@ -206,6 +212,17 @@ class SequenceTracker:
         if not new_ids and self.finish_reason is None:
             return None
         return self._completion(delta_text, new_ids, delta_logprobs)
+
+    def add_prompt_logprobs(self, entries: list[tuple[int, float, list[tuple[int, float]]]]) -> None:
+        """Take the runner's (position, logprob, top) for prompt tokens, in order; positions
+        already held (recomputed after a preemption) are skipped."""
+        held = self.prompt_logprobs
+        if held is None:
+            return
+        prompt = self.request.prompt_token_ids
+        for position, logprob, top in entries:
+            if position == len(held):
+                held.append(TokenLogprob(prompt[position], float(logprob), list(top)))
 
     def fail(self) -> CompletionOutput:
         """Finish with an error (output processing raised); keeps what was produced."""

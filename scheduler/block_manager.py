@@ -142,9 +142,10 @@ class BlockManager:
         """Longest cached prefix of the request's tokens, in whole blocks.
 
         At least the last token is always left to compute: the runner needs its logits to
-        sample, so a hit covering every token drops its last block.
+        sample, so a hit covering every token drops its last block. A request asking for
+        prompt logprobs gets no hit: every prompt token's logits must be computed.
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
             return NO_HIT
         max_blocks = (request.num_tokens - 1) // self.block_size
         hashes = self._block_hashes(request, max_blocks)

@@ -87,10 +87,13 @@ class RunnerOutput:
     ``failed_request_ids`` are requests whose step raised; the scheduler finishes them with
     an error and the rest of the batch goes on. ``plan_not_applied`` says the runner failed
     before folding the plan into its state: the plan's finished / preempted ids must reach it
-    again with the next plan.
+    again with the next plan. ``prompt_logprobs[request_id]`` lists, for the prompt tokens this
+    step scored (SamplingParams.prompt_logprobs), (position, logprob, [(token_id, logprob), ...]
+    top alternatives); the scheduler ignores it.
     """
 
     sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, list[tuple[float, list[tuple[int, float]]]]] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[tuple[int, float, list[tuple[int, float]]]]] = field(default_factory=dict)
     failed_request_ids: set[str] = field(default_factory=set)
     plan_not_applied: bool = False

@@ -24,7 +24,9 @@ class SamplingParams:
 
     temperature == 0 means greedy. top_k <= 0 disables top-k. logprobs=None returns no
     logprobs; logprobs=k returns the chosen token's logprob plus the k most likely
-    alternatives (k may be 0).
+    alternatives (k may be 0). prompt_logprobs=k returns, for every prompt token after the
+    first, its logprob given the tokens before it plus the k most likely tokens there (vLLM's
+    meaning); such requests get no prefix-cache hits (their prompt must be computed).
     """
 
     n: int = 1
@@ -42,6 +44,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
 
@@ -88,6 +91,8 @@ class SamplingParams:
             bad("seed", f"seed must be an integer, got {self.seed!r}")
         if self.logprobs is not None and not 0 <= self.logprobs <= self.MAX_LOGPROBS:
             bad("logprobs", f"top_logprobs must be in [0, {self.MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= self.MAX_LOGPROBS:
+            bad("prompt_logprobs", f"prompt_logprobs must be in [0, {self.MAX_LOGPROBS}], got {self.prompt_logprobs!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "stop must be a non-empty string or a list of non-empty strings")
         if len(self.stop) > 16:
