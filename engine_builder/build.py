@@ -32,7 +32,8 @@ from kiln.engine_builder.format import (
 )
 from kiln.engine_builder.options import DtypeError, canonical_dtype
 from kiln.engine_builder.quality import format_quality, quality_report
-from kiln.engine_builder.quantize import Fp8Options, fp8_model_config, fp8_options, prepare_fp8
+from kiln.engine_builder.int4_quantize import Int4Options
+from kiln.engine_builder.quantize import Fp8Options, prepare, quantization_options, quantized_model_config
 from kiln.engine_builder.random_weights import RandomSource, load_preset
 from kiln.engine_builder.source import TOKENIZER_FILES, HFCheckpoint, TensorSource, resolve_source
 from kiln.engine_builder.writer import StreamingSafetensorsWriter, TensorSpec, file_size
@@ -92,18 +93,24 @@ def build_engine(
     random_weights: str | None = None,
     seed: int = 0,
     fp8: Fp8Options | bool | None = None,
+    int4_awq: bool = False,
+    int4: Int4Options | bool | None = None,
+    group_size: int | None = None,
+    int4_symmetric: bool = False,
     kv_cache_dtype: str | None = None,
     calib_data: str | None = None,
     calib_samples: int | None = None,
     calib_seq_len: int | None = None,
     quality_samples: int | None = None,
 ) -> BuildSummary:
-    """Convert ``source`` (HF directory or alias) or a random-weight preset into an engine dir;
-    ``fp8`` quantizes it (calibrated FP8, engine_builder/quantize.py): an Fp8Options, or True with
-    the other keywords (the build options' flags, options.py) filling one in."""
+    """Convert ``source`` (HF directory or alias) or a random-weight preset into an engine dir.
+    ``fp8`` (calibrated FP8), ``int4_awq`` (INT4 with AWQ) or ``int4`` (INT4, round-to-nearest)
+    quantize it (engine_builder/quantize.py): True with the other keywords (the build options'
+    flags, options.py) filling in the options, or an Fp8Options / Int4Options."""
     start = time.time()
-    fp8 = fp8_options(fp8, kv_cache_dtype=kv_cache_dtype, calib_data=calib_data, calib_samples=calib_samples,
-                      calib_seq_len=calib_seq_len, quality_samples=quality_samples)
+    quant = quantization_options(fp8, int4, int4_awq, group_size, int4_symmetric, kv_cache_dtype, calib_data=calib_data,
+                                 calib_samples=calib_samples, calib_seq_len=calib_seq_len,
+                                 quality_samples=quality_samples)
     if dtype is not None:
         try:
             dtype = canonical_dtype(dtype)  # also accepts fp16, bf16, fp32, half, float
@@ -117,17 +124,17 @@ def build_engine(
     _check_source(src, source_tensors(mc, arch.names), mc)
     num_params = sum(math.prod(t.shape) for t in source_tensors(mc, arch.names).values())
     out = Path(output)
-    built_mc = fp8_model_config(mc, fp8) if fp8 is not None else mc
+    built_mc = quantized_model_config(mc, quant) if quant is not None else mc
     _check_output(out, force, _expected_bytes(built_mc, arch.names))
-    quantized = prepare_fp8(src, src_dir, built_mc, arch.names, fp8, progress) if fp8 is not None else None
+    quantized = prepare(src, src_dir, built_mc, arch.names, quant, progress) if quant is not None else None
     target = (quantized.source, built_mc) if quantized else (src, mc)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; an engine dir is an ordinary folder
         record = quantized.record if quantized else None
         ranks = write_engine_dir(*target, arch.names, src_dir, tmp, num_params, progress, record)
-        if quantized is not None and quantized.calibration is not None and fp8.quality_samples > 0:
-            record["quality"] = quality_report(tmp, src, src_dir, mc, arch.names, quantized, fp8, progress)
+        if quantized is not None and quantized.calibration is not None and quant.quality_samples > 0:
+            record["quality"] = quality_report(tmp, src, src_dir, mc, arch.names, quantized, quant, progress)
             _write_manifest(tmp, target[1], target[0], ranks, num_params, record)
         _replace(tmp, out, force)
     except BaseException:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from kiln.engine_builder.errors import BuildOptionError
 from kiln.engine_builder.format import ModelConfig
-from kiln.engine_builder.options import DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQ_LEN
+from kiln.engine_builder.options import DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQ_LEN, DEFAULT_QUALITY_SAMPLES
 from kiln.engine_builder.source import TensorSource
 
 logger = logging.getLogger(__name__)
@@ -114,6 +114,30 @@ def _jsonl_text(path: Path, number: int, line: str) -> str:
     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
         raise BuildOptionError(f'--calib-data {path}:{number}: expected an object with a "text" string')
     return record["text"]
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """What a calibrated build reads and scores: the text (``calib_data``, None = the default set),
+    ``calib_samples`` windows of ``calib_seq_len`` tokens, ``sample_rows`` rows per linear kept for
+    scoring candidates, and ``quality_samples`` held-out windows for the quality report (0 = none)."""
+
+    calib_data: str | None = None
+    calib_samples: int = DEFAULT_NUM_SAMPLES
+    calib_seq_len: int = DEFAULT_SEQ_LEN
+    quality_samples: int = DEFAULT_QUALITY_SAMPLES
+    sample_rows: int = 1024
+
+    def __post_init__(self) -> None:
+        for name in ("calib_samples", "calib_seq_len", "sample_rows"):
+            if getattr(self, name) < 1:
+                raise BuildOptionError(f"{name.replace('_', '-')} must be a positive integer (got {getattr(self, name)})")
+        if self.quality_samples < 0:
+            raise BuildOptionError(f"quality samples must be >= 0 (got {self.quality_samples})")
+
+    def calibration_set(self, tokenizer: Any) -> CalibrationSet:
+        return make_calibration_set(load_calibration_text(self.calib_data), tokenizer, self.calib_samples,
+                                    self.calib_seq_len)
 
 
 # ----------------------------------------------------------------------------- token windows

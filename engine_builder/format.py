@@ -17,6 +17,11 @@ dequantization scales, the same on every rank); with kv_cache_quant_algo "FP8" e
 ``attention.kv_cache_scaling_factor``. The embedding and lm_head stay in the model dtype
 (``exclude_modules``). The scale tensors' plan pieces name the scale itself (the quantizing
 source serves it under that name).
+
+INT4 engines (quant_algo "W4A16_AWQ" / "W4A16", group_size, has_zero_point, pre_quant_scale):
+each linear stores its packed int4 weight, ``weights_scaling_factor`` and, per those flags,
+``zero`` and ``prequant_scaling_factor`` (layout and numerics: engine_builder/int4.py); the
+quantizing source serves each rank's tensor whole (``int4.int4_piece``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any
 import torch
 
 from kiln.engine_builder.errors import BuildOptionError, EngineFormatError
+from kiln.engine_builder.int4 import INT4_ALGOS, plan_int4_linear
 from kiln.engine_builder.writer import read_header
 
 FORMAT_NAME = "kiln-engine"
@@ -297,7 +303,7 @@ def plan_rank(mc: ModelConfig, names: dict[str, str], rank: int) -> list[OutputT
     for layer in range(mc.num_hidden_layers):
         src = {key: tmpl.format(l=layer) for key, tmpl in names.items()}
         pre = LAYER.format(l=layer)
-        linear = _linear_planner(mc, pre, out)
+        linear = _linear_planner(mc, pre, out, rank)
         out.append(OutputTensor(pre + "input_layernorm.weight", (h,), (Piece(src["input_norm"]),)))
         linear("attention.qkv", (qkv_rows, h), _qkv_pieces(mc, src, rank, ""))
         if mc.qkv_bias:
@@ -323,14 +329,19 @@ def _scale(name: str) -> OutputTensor:
     return OutputTensor(name, (1,), (Piece(name),), torch.float32)
 
 
-def _linear_planner(mc: ModelConfig, prefix: str, out: list[OutputTensor]):
-    """Appends a linear's weight (fp8 in an FP8 engine, then its two scales) to ``out``."""
+def _linear_planner(mc: ModelConfig, prefix: str, out: list[OutputTensor], rank: int):
+    """Appends a linear's weight (fp8 in an FP8 engine, then its two scales; INT4 tensors in an
+    INT4 engine, engine_builder/int4.py) to ``out``."""
     fp8 = mc.quant_algo == "FP8"
-    if mc.quant_algo not in (None, "FP8"):
-        raise BuildOptionError(f"quant_algo {mc.quant_algo!r} has no engine layout in this Kiln (supported: FP8)")
+    if mc.quant_algo not in (None, "FP8", *INT4_ALGOS):
+        raise BuildOptionError(f"quant_algo {mc.quant_algo!r} has no engine layout in this Kiln "
+                               f"(supported: FP8, {', '.join(INT4_ALGOS)})")
 
     def add(module: str, shape: tuple[int, ...], pieces: tuple[Piece, ...]) -> None:
         name = prefix + module
+        if mc.quant_algo in INT4_ALGOS:
+            out.extend(plan_int4_linear(name + ".weight", shape, rank, mc.tp_size, mc.quantization))
+            return
         out.append(OutputTensor(name + ".weight", shape, pieces, FP8 if fp8 else None))
         if fp8:
             out.extend((_scale(f"{name}.{WEIGHT_SCALE}"), _scale(f"{name}.{INPUT_SCALE}")))

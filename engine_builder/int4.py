@@ -29,9 +29,11 @@ from dataclasses import dataclass
 
 import torch
 
+from kiln.engine_builder.options import INT4_GROUP_SIZES
+
 QMIN, QMAX = -8, 7
 WEIGHT, SCALE, ZERO, PREQUANT = "weight", "weights_scaling_factor", "zero", "prequant_scaling_factor"
-GROUP_SIZES = (32, 64, 128, 256)
+GROUP_SIZES = INT4_GROUP_SIZES
 """Group sizes the runtime's kernels take (a group's bytes split into two halves of >= 16)."""
 INT4_ALGOS = ("W4A16_AWQ", "W4A16")
 EXCLUDED_MODULES = ["lm_head", "transformer.vocab_embedding"]
@@ -44,16 +46,36 @@ def int4_quantization(algo: str, group_size: int, zero_point: bool, pre_quant_sc
             "exclude_modules": list(EXCLUDED_MODULES)}
 
 
-def int4_piece(name: str, rank: int) -> str:
-    """The plan's source name for rank ``rank``'s engine tensor ``name`` of a quantized linear: the
-    quantizing source assembles the whole tensor (int4_quantize.Int4Source)."""
-    return f"{name}@rank{rank}"
+def int4_piece(name: str, rank: int, tp: int) -> str:
+    """The plan's source name for engine tensor ``name`` of rank ``rank`` of ``tp``, a quantized
+    linear's: the quantizing source assembles the whole tensor (int4_quantize.Int4Source)."""
+    return f"{name}@rank{rank}/{tp}"
 
 
-def parse_int4_piece(source: str) -> tuple[str, int] | None:
-    """(engine tensor name, rank) of an ``int4_piece`` name, else None."""
-    name, sep, rank = source.rpartition("@rank")
-    return (name, int(rank)) if sep and rank.isdigit() else None
+def parse_int4_piece(source: str) -> tuple[str, int, int] | None:
+    """(engine tensor name, rank, tp) of an ``int4_piece`` name, else None."""
+    name, sep, where = source.rpartition("@rank")
+    rank, _, tp = where.partition("/")
+    return (name, int(rank), int(tp)) if sep and rank.isdigit() and tp.isdigit() else None
+
+
+def plan_int4_linear(weight_name: str, shape: tuple[int, int], rank: int, tp: int, quantization: dict) -> list:
+    """format.OutputTensor entries of one quantized linear of rank ``rank`` (``shape`` = its
+    unquantized [N, K]): the packed weight, the scales and, per the engine's flags, the zero points
+    and the pre-quantization scale, each one ``int4_piece``."""
+    from kiln.engine_builder.format import OutputTensor, Piece
+
+    n, k = shape
+    group = int(quantization["group_size"])
+    prefix = weight_name.removesuffix(f".{WEIGHT}")
+    out = [OutputTensor(weight_name, (n, k // 2), (Piece(int4_piece(weight_name, rank, tp)),), torch.int8)]
+    extra = [(SCALE, (k // group, n)), (ZERO, (k // group, n)), (PREQUANT, (1, k))]
+    flags = {SCALE: True, ZERO: quantization.get("has_zero_point"), PREQUANT: quantization.get("pre_quant_scale")}
+    for kind, kind_shape in extra:
+        if flags[kind]:
+            name = f"{prefix}.{kind}"
+            out.append(OutputTensor(name, kind_shape, (Piece(int4_piece(name, rank, tp)),)))
+    return out
 
 
 @dataclass

@@ -20,15 +20,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from kiln.engine_builder.awq import AwqOptions, clip_for, search_clip, search_scales
+from kiln.engine_builder.calibration import CalibrationOptions, calibration_device, run_layerwise
 from kiln.engine_builder.errors import BuildOptionError
-from kiln.engine_builder.format import ModelConfig, plan_rank
-from kiln.engine_builder.int4 import (INT4_ALGOS, PREQUANT, SCALE, WEIGHT, ZERO, QuantizedWeight, check_group_size,
+from kiln.engine_builder.format import KV_CACHE_SCALE, LAYER, ModelConfig, plan_rank
+from kiln.engine_builder.int4 import (GROUP_SIZES, PREQUANT, SCALE, WEIGHT, ZERO, QuantizedWeight, check_group_size,
                                       int4_quantization, parse_int4_piece, quantize_rtn)
+from kiln.runtime.quant.fp8 import FP8_MAX
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +48,40 @@ ROW_FOLDS = {"up": "down", "v": "dense"}
 CLIPPED = ("v", "o", "gate", "up", "down")  # AWQ leaves q and k unclipped (softmax is sensitive to them)
 
 
+@dataclass(frozen=True)
+class Int4Options(CalibrationOptions):
+    """What ``--int4-awq`` (``awq``) or ``--int4`` (plain round-to-nearest) builds: groups of
+    ``group_size`` inputs, with zero points unless symmetric, AWQ's clipping search (``clip``),
+    attention.dense's scales folded into v (``dense="fold"``) or stored as pre-quantization scales
+    (``"prequant"``), and FP8 KV-cache scales (``kv_cache_fp8``). Calibration fields as
+    CalibrationOptions'."""
+
+    awq: bool = True
+    group_size: int = 128
+    zero_point: bool = True
+    clip: bool = True
+    dense: str = "fold"
+    kv_cache_fp8: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.group_size not in GROUP_SIZES:
+            raise BuildOptionError(f"--group-size {self.group_size} is not supported "
+                                   f"(choose from {', '.join(map(str, GROUP_SIZES))})")
+        if self.dense not in ("fold", "prequant"):
+            raise BuildOptionError(f"dense must be 'fold' or 'prequant' (got {self.dense!r})")
+
+    @property
+    def algo(self) -> str:
+        return "W4A16_AWQ" if self.awq else "W4A16"
+
+    def quantization(self) -> dict[str, Any]:
+        """config.json's quantization block of the engine these options build."""
+        pre = self.awq and self.dense == "prequant"
+        q = int4_quantization(self.algo, self.group_size, self.zero_point, pre)
+        return {**q, "kv_cache_quant_algo": "FP8" if self.kv_cache_fp8 else None}
+
+
 @dataclass
 class LayerAwq:
     """One layer's AWQ result (CPU): input scales per group, clipping indices per source key
@@ -58,27 +95,31 @@ class LayerAwq:
 
 @dataclass
 class Int4Recipe:
-    """How every linear is quantized: ``layers`` empty means plain round-to-nearest."""
+    """How every linear is quantized: ``layers`` empty means round-to-nearest with no scales;
+    ``kv_scales`` the per-layer FP8 KV-cache scales (empty without an FP8 KV cache)."""
 
-    algo: str
-    options: AwqOptions
-    dense: str = "fold"  # or "prequant"
+    options: Int4Options
+    awq: AwqOptions
     layers: list[LayerAwq] = field(default_factory=list)
+    kv_scales: list[float] = field(default_factory=list)
+
+    @classmethod
+    def for_options(cls, options: Int4Options, dtype: torch.dtype) -> Int4Recipe:
+        return cls(options, AwqOptions(group_size=options.group_size, zero_point=options.zero_point, dtype=dtype,
+                                       clip=options.clip))
 
     @property
-    def pre_quant_scale(self) -> bool:
-        return self.dense == "prequant"
-
-    def quantization(self) -> dict[str, Any]:
-        return int4_quantization(self.algo, self.options.group_size, self.options.zero_point, self.pre_quant_scale)
+    def dense(self) -> str:
+        return self.options.dense
 
     def describe(self) -> dict[str, Any]:
-        o = self.options
-        record: dict[str, Any] = {"group_size": o.group_size, "has_zero_point": o.zero_point,
-                                  "method": "awq" if self.layers else "round-to-nearest"}
+        o, a = self.options, self.awq
+        record: dict[str, Any] = {"algo": o.algo, "group_size": o.group_size, "has_zero_point": o.zero_point,
+                                  "method": "awq" if self.layers else "round-to-nearest",
+                                  "kv_cache": "fp8" if o.kv_cache_fp8 else None}
         if self.layers:
-            record.update(alpha_grid=o.grid, clip=o.clip, clip_grid=o.clip_grid if o.clip else None,
-                          clip_max_shrink=o.clip_max_shrink if o.clip else None, dense=self.dense)
+            record.update(alpha_grid=a.grid, clip=a.clip, clip_grid=a.clip_grid if a.clip else None,
+                          clip_max_shrink=a.clip_max_shrink if a.clip else None, dense=o.dense)
             record["groups"] = {g: {"mean_alpha": round(sum(lr.alpha[g] for lr in self.layers) / len(self.layers), 4),
                                     "mean_error_vs_rtn": round(sum(lr.error_ratio[g] for lr in self.layers)
                                                                / len(self.layers), 4)} for g in GROUPS}
@@ -94,12 +135,18 @@ class AwqCalibrator:
         # attention.dense's input channel (head h, i) reads v's row (kv head h // group, i).
         heads = torch.arange(mc.num_attention_heads * d) // d
         self.dense_tie = (heads // group) * d + torch.arange(mc.num_attention_heads * d) % d
+        self.dense_tie = self.dense_tie.to(calibration_device())
 
     def __call__(self, layer: int, w: dict[str, torch.Tensor], stats: dict[str, Any]) -> None:
-        o, lr = self.recipe.options, LayerAwq()
+        recipe = self.recipe
+        if recipe.options.kv_cache_fp8:  # one scale for K (after rotary) and V, as the FP8 build stores it
+            recipe.kv_scales.append(max(stats["k"].amax, stats["v"].amax) / FP8_MAX)
+        if not recipe.options.awq:
+            return
+        o, lr = recipe.awq, LayerAwq()
         for group, (keys, site) in GROUPS.items():
             weight = torch.cat([w[k] for k in keys])
-            tie = self.dense_tie if group == "dense" and self.recipe.dense == "fold" else None
+            tie = self.dense_tie if group == "dense" and recipe.dense == "fold" else None
             found = search_scales(stats[site].samples, stats[site].abs_mean, weight, o, tie)
             lr.scales[group] = found.scales.float().cpu()
             lr.alpha[group] = found.alpha
@@ -108,8 +155,8 @@ class AwqCalibrator:
                 x = stats[site].samples / found.scales
                 for key in (k for k in keys if k in CLIPPED):
                     lr.clip[key] = search_clip(x, w[key] * found.scales, o).cpu()
-        assert len(self.recipe.layers) == layer, "layers are visited in order"
-        self.recipe.layers.append(lr)
+        assert len(recipe.layers) == layer, "layers are visited in order"
+        recipe.layers.append(lr)
 
 
 class Int4Source:
@@ -124,9 +171,8 @@ class Int4Source:
     def __init__(self, source: Any, mc: ModelConfig, names: dict[str, str], recipe: Int4Recipe,
                  device: torch.device | None = None) -> None:
         self.source, self.config, self.recipe, self.mc = source, source.config, recipe, mc
-        self.device = device or torch.device("cpu")
-        base = dataclasses.replace(mc, quant_algo=None, quantization=None)
-        self._pieces = {(t.name, r): t.pieces for r in range(mc.tp_size) for t in plan_rank(base, names, r)}
+        self.device, self.names = device or torch.device("cpu"), names
+        self._pieces: dict[tuple[str, int, int], tuple] = {}  # (weight name, rank, tp) -> unquantized plan pieces
         self._roles = {names[key].format(l=layer): (layer, key) for layer in range(mc.num_hidden_layers)
                        for key in (*GROUP_OF_KEY, *TENSOR_FOLDS)}
         self._cache: dict[str, QuantizedWeight] = {}
@@ -148,6 +194,9 @@ class Int4Source:
         virtual = parse_int4_piece(name)
         if virtual is not None:
             return self._rank_tensor(*virtual)
+        if name.endswith(KV_CACHE_SCALE):  # transformer.layers.{l}.attention.kv_cache_scaling_factor
+            layer = int(name.removeprefix(LAYER.split("{l}")[0]).split(".")[0])
+            return torch.tensor([self.recipe.kv_scales[layer]], dtype=torch.float32)
         role = self._roles.get(name)
         t = self.source.read(name, rows)
         if role is None or role[1] not in TENSOR_FOLDS:
@@ -187,17 +236,24 @@ class Int4Source:
             if key in ROW_FOLDS:  # v and up: the next group's scale divides their rows
                 rows = self._scale(layer, ROW_FOLDS[key], fold=True)
                 w = w if rows is None else w / rows.to(self.device)[:, None]
-            o = self.recipe.options
+            o = self.recipe.awq
             clip = self.recipe.layers[layer].clip.get(key) if self.recipe.layers else None
             q = quantize_rtn(w, o.group_size, o.zero_point, self.mc.torch_dtype, clip_for(clip, o))
             self._cache[name] = QuantizedWeight(q.q.cpu(), q.scales.cpu(), None if q.zeros is None else q.zeros.cpu(),
                                                 q.group_size)
         return self._cache[name]
 
-    def _rank_tensor(self, name: str, rank: int) -> torch.Tensor:
+    def _plan_pieces(self, weight: str, rank: int, tp: int) -> tuple:
+        """The unquantized plan's pieces of linear ``weight`` on rank ``rank`` of ``tp``."""
+        if (weight, rank, tp) not in self._pieces:
+            base = dataclasses.replace(self.mc, tp_size=tp, quant_algo=None, quantization=None)
+            self._pieces.update({(t.name, rank, tp): t.pieces for t in plan_rank(base, self.names, rank)})
+        return self._pieces[(weight, rank, tp)]
+
+    def _rank_tensor(self, name: str, rank: int, tp: int) -> torch.Tensor:
         """One rank's INT4 tensor ``{prefix}.{weight|weights_scaling_factor|zero|prequant_scaling_factor}``."""
         prefix, _, kind = name.rpartition(".")
-        pieces = self._pieces[(f"{prefix}.{WEIGHT}", rank)]
+        pieces = self._plan_pieces(f"{prefix}.{WEIGHT}", rank, tp)
         g = self.recipe.options.group_size
         parts = []
         for p in pieces:
@@ -230,12 +286,43 @@ def check_int4_shapes(mc: ModelConfig, group_size: int) -> None:
             raise BuildOptionError(str(exc)) from None
 
 
-def int4_model_config(mc: ModelConfig, recipe: Int4Recipe) -> ModelConfig:
-    """``mc`` as an INT4 engine (config.json's quantization block)."""
-    if recipe.algo not in INT4_ALGOS:
-        raise BuildOptionError(f"unknown INT4 algorithm {recipe.algo!r} (choose from {', '.join(INT4_ALGOS)})")
-    check_int4_shapes(mc, recipe.options.group_size)
-    return dataclasses.replace(mc, quant_algo=recipe.algo, quantization=recipe.quantization())
+def int4_model_config(mc: ModelConfig, options: Int4Options) -> ModelConfig:
+    """``mc`` as the INT4 engine ``options`` build (config.json's quantization block)."""
+    check_int4_shapes(mc, options.group_size)
+    return dataclasses.replace(mc, quant_algo=options.algo, quantization=options.quantization())
 
 
-__all__ = ["AwqCalibrator", "Int4Recipe", "Int4Source", "LayerAwq", "check_int4_shapes", "int4_model_config"]
+def prepare_int4(src: Any, src_dir: Path | None, mc: ModelConfig, names: dict[str, str], options: Int4Options,
+                 progress: bool) -> Any:
+    """The INT4 build of ``src``: AWQ (or, for ``--int4``, nothing) searched on calibration text,
+    FP8 KV-cache scales when asked; random weights get neither (scales 1, the FP8 build's
+    plausible KV scales). The quality report compares AWQ with round-to-nearest."""
+    from kiln.engine_builder.fp8 import random_recipe
+    from kiln.engine_builder.quantize import QuantizedBuild, tokenizer
+    from kiln.engine_builder.random_weights import WEIGHT_STD, RandomSource
+
+    device = calibration_device()
+    recipe = Int4Recipe.for_options(options, mc.torch_dtype)
+    label = "awq" if options.awq else "rtn"
+    if isinstance(src, RandomSource):
+        if options.kv_cache_fp8:
+            recipe.kv_scales = [lr.kv_scale for lr in random_recipe(mc, src.weight_amax(), WEIGHT_STD, True).layers]
+        record = {"recipe": {**recipe.describe(), "method": "random weights: round-to-nearest, no calibration"},
+                  "calibration": None}
+        return QuantizedBuild(Int4Source(src, mc, names, recipe, device), mc, record, None, label)
+    calib = options.calibration_set(tokenizer(src_dir))
+    if options.awq or options.kv_cache_fp8:
+        logger.info("calibrating on %d x %d tokens of %r (%s)", *calib.calibration.shape, calib.name, device)
+        run_layerwise(src, mc, names, calib.calibration, AwqCalibrator(recipe, mc), sample_rows=options.sample_rows,
+                      device=device, progress=progress)
+    compare = []
+    if options.awq:  # the same engine without AWQ, for the quality report
+        rtn_options = dataclasses.replace(options, awq=False)
+        rtn = dataclasses.replace(Int4Recipe.for_options(rtn_options, mc.torch_dtype), kv_scales=recipe.kv_scales)
+        compare.append(("rtn", Int4Source(src, mc, names, rtn, device), int4_model_config(mc, rtn_options)))
+    record = {"recipe": recipe.describe(), "calibration": calib.describe()}
+    return QuantizedBuild(Int4Source(src, mc, names, recipe, device), mc, record, calib, label, compare)
+
+
+__all__ = ["AwqCalibrator", "Int4Options", "Int4Recipe", "Int4Source", "LayerAwq", "check_int4_shapes",
+           "int4_model_config", "prepare_int4"]

@@ -23,6 +23,7 @@ KV_CACHE_DTYPES = ("auto", "fp8")
 DEFAULT_CALIB_SAMPLES = 64
 DEFAULT_CALIB_SEQ_LEN = 512
 DEFAULT_QUALITY_SAMPLES = 16
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the INT4 kernels take (engine_builder/int4.py, runtime/kernels/int4.py)
 
 # The architectures the registry (architectures.py) converts, for --help without importing it;
 # tests/test_cli_help.py checks the two agree.
@@ -63,8 +64,20 @@ def add_build_options(parser: argparse.ArgumentParser, title: str = "build optio
         quant.add_argument("--fp8", action="store_true",
                            help="FP8 (E4M3) linears with per-tensor weight scales and calibrated static activation "
                                 "scales (TensorRT-LLM's layout; lm_head and the embedding stay in the model dtype)"),
+        quant.add_argument("--int4-awq", action="store_true",
+                           help="INT4 weights, 16-bit activations (W4A16_AWQ): AWQ scales and clipping searched on "
+                                "calibration text, then round-to-nearest in groups of --group-size inputs with zero "
+                                "points (prints a perplexity report: source, plain INT4, AWQ)"),
+        quant.add_argument("--int4", action="store_true",
+                           help="INT4 weights (W4A16), plain round-to-nearest per group, no calibration"),
+        quant.add_argument("--group-size", type=int, metavar="G",
+                           help=f"INT4 group size: inputs sharing one scale, dividing every linear's input width "
+                                f"per rank (default 128; {', '.join(map(str, INT4_GROUP_SIZES))})"),
+        quant.add_argument("--int4-symmetric", action="store_true",
+                           help="INT4 without zero points (symmetric groups)"),
         quant.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
-                           help="fp8: also store per-layer KV-cache scales (kv_cache_quant_algo FP8); needs --fp8"),
+                           help="fp8: also store per-layer KV-cache scales (kv_cache_quant_algo FP8); with --fp8, "
+                                "--int4-awq or --int4"),
         quant.add_argument("--calib-data", metavar="FILE",
                            help="calibration text: .txt, or .jsonl with a \"text\" field per line (default: the Python "
                                 "Language Reference topics shipped with CPython, pydoc_data)"),

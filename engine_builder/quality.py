@@ -2,7 +2,8 @@
 held-out calibration text, computed through Kiln's own runtime (``SamplingParams(prompt_logprobs)``).
 
 The source is scored as an unquantized engine written to a scratch folder next to the output
-(removed afterwards). With an FP8 KV cache the engine is scored twice: FP8 linears alone (a view
+(removed afterwards), and so is every variant the build compares with (an INT4 AWQ build: the
+same model rounded to nearest, ``QuantizedBuild.compare``). With an FP8 KV cache the engine is scored twice: FP8 linears alone (a view
 of the engine whose config.json drops kv_cache_quant_algo) and FP8 + FP8 KV, the latter only when
 the runtime really holds its KV cache in fp8; otherwise the report says it was not measured.
 Tensor-parallel builds are scored on a tp=1 build of the same recipe (same numerics).
@@ -51,7 +52,8 @@ def _kv_cache_dtype(llm: Any) -> str:
 
 def quality_report(engine_dir: Path, src: Any, src_dir: Path | None, mc: ModelConfig, names: dict[str, str],
                    quantized: Any, options: Any, progress: bool) -> dict[str, Any]:
-    """Perplexities of the source, FP8 and (when built with it) FP8 + FP8 KV; see the module docstring."""
+    """Perplexities of the source, of each variant ``quantized.compare`` names (INT4 AWQ builds:
+    round-to-nearest), of the engine and (when built with it) the engine with its FP8 KV cache."""
     from kiln.engine_builder.build import write_engine_dir
 
     windows = quantized.calibration.held_out[: options.quality_samples]
@@ -68,26 +70,31 @@ def quality_report(engine_dir: Path, src: Any, src_dir: Path | None, mc: ModelCo
 
         logger.info("quality report: scoring %d held-out windows of %d tokens on %s", *windows.shape, device)
         report["source_ppl"], _ = perplexity(scratch_engine("source", src, mc), windows, device, progress)
-        qmc = quantized.model_config
-        fp8_engine = engine_dir if qmc.tp_size == 1 else scratch_engine("fp8", quantized.source, qmc)
+        qmc, label = quantized.model_config, quantized.label
         kv_fp8 = qmc.kv_cache_quant_algo == "FP8"
-        fp8_only = _without_kv_quant(fp8_engine, scratch_dir / "fp8-view") if kv_fp8 else fp8_engine
-        report["fp8_ppl"], _ = perplexity(fp8_only, windows, device, progress)
-        report["fp8_delta_pct"] = 100 * (report["fp8_ppl"] / report["source_ppl"] - 1)
+        scored = [(name, scratch_engine(name, source, config)) for name, source, config in quantized.compare]
+        engine = engine_dir if qmc.tp_size == 1 else scratch_engine(label, quantized.source, qmc)
+        for name, path in scored + [(label, engine)]:  # weights alone: without the KV cache's quantization
+            view = _without_kv_quant(path, scratch_dir / f"{name}-view") if kv_fp8 else path
+            report[f"{name}_ppl"], _ = perplexity(view, windows, device, progress)
+            report[f"{name}_delta_pct"] = 100 * (report[f"{name}_ppl"] / report["source_ppl"] - 1)
+        report["scored"] = [name for name, _ in scored] + [label]
         if kv_fp8:
-            report.update(_score_fp8_kv(fp8_engine, windows, device, progress, report["source_ppl"]))
+            report.update(_score_fp8_kv(engine, windows, device, progress, report["source_ppl"], label))
     return report
 
 
-def _score_fp8_kv(engine: Path, windows: torch.Tensor, device: str, progress: bool, source_ppl: float) -> dict[str, Any]:
+def _score_fp8_kv(engine: Path, windows: torch.Tensor, device: str, progress: bool, source_ppl: float,
+                  label: str) -> dict[str, Any]:
+    key = f"{label}_kv"  # fp8_kv for an FP8 build
     try:
         ppl, kv_dtype = perplexity(engine, windows, device, progress)
     except Exception as exc:  # a runtime that refuses kv_cache_quant_algo FP8
         logger.warning("FP8 KV not measured: the runtime refused the engine (%s)", exc)
-        return {"fp8_kv": FP8_KV_NOT_MEASURED, "fp8_kv_error": str(exc)}
+        return {key: FP8_KV_NOT_MEASURED, f"{key}_error": str(exc)}
     if "float8" not in kv_dtype:
-        return {"fp8_kv": FP8_KV_NOT_MEASURED, "fp8_kv_error": f"the runtime kept its KV cache in {kv_dtype}"}
-    return {"fp8_kv": "measured", "fp8_kv_ppl": ppl, "fp8_kv_delta_pct": 100 * (ppl / source_ppl - 1)}
+        return {key: FP8_KV_NOT_MEASURED, f"{key}_error": f"the runtime kept its KV cache in {kv_dtype}"}
+    return {key: "measured", f"{key}_ppl": ppl, f"{key}_delta_pct": 100 * (ppl / source_ppl - 1)}
 
 
 def _without_kv_quant(engine: Path, view: Path) -> Path:
@@ -102,16 +109,22 @@ def _without_kv_quant(engine: Path, view: Path) -> Path:
     return view
 
 
+LABELS = {"fp8": "FP8", "awq": "INT4 AWQ", "rtn": "INT4 RTN"}
+
+
 def format_quality(report: dict[str, Any]) -> str:
     """The build's closing lines about quality."""
     lines = [f"  quality: perplexity on {report['held_out_samples']} held-out windows of {report['seq_len']} tokens "
              f"of {report['text']!r} ({report['device']})",
-             f"    source     {report['source_ppl']:.4f}",
-             f"    FP8        {report['fp8_ppl']:.4f}  ({report['fp8_delta_pct']:+.2f}%)"]
-    if "fp8_kv" in report:
-        if report["fp8_kv"] == "measured":
-            lines.append(f"    FP8 + KV   {report['fp8_kv_ppl']:.4f}  ({report['fp8_kv_delta_pct']:+.2f}%)")
-        else:
-            lines.append(f"    FP8 KV: {report['fp8_kv']}")
+             f"    source     {report['source_ppl']:.4f}"]
+    for name in report.get("scored", ["fp8"]):
+        lines.append(f"    {LABELS.get(name, name):10s} {report[f'{name}_ppl']:.4f}  ({report[f'{name}_delta_pct']:+.2f}%)")
+    label = report.get("scored", ["fp8"])[-1]
+    kv = report.get(f"{label}_kv")
+    if kv == "measured":
+        lines.append(f"    {LABELS.get(label, label)} + FP8 KV {report[f'{label}_kv_ppl']:.4f}  "
+                     f"({report[f'{label}_kv_delta_pct']:+.2f}%)")
+    elif kv is not None:
+        lines.append(f"    FP8 KV: {kv}")
     return "\n".join(lines)
 

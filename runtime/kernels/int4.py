@@ -32,10 +32,12 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.engine_builder.options import INT4_GROUP_SIZES
+
 from ._common import SUPPORTED_DTYPES, KernelInputError, check, check_dtype, dot_precision, next_pow2, upcast_dots
 from .gemv import MAX_ROWS, _row_rstd, _store, _x_step
 
-GROUP_SIZES = (32, 64, 128, 256)
+GROUP_SIZES = INT4_GROUP_SIZES  # a group's bytes split into two halves of >= 16 (the dots' K)
 DEQUANTIZE_FROM_ROWS = 1024
 """From this many rows ``Int4Linear`` dequantizes the weight to the model dtype and calls cuBLAS:
 a prefill chunk is compute-bound, where the weight's extra write and read cost a few percent of
