@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import make_tiny_hf_checkpoint
+from tiny_models import hf_with_engine_weights, make_tiny_hf_checkpoint
 
 from kiln.engine_builder import build_engine, load_engine
 from kiln.engine_builder.errors import BuildOptionError
@@ -121,26 +121,16 @@ def _fake_quant_hf(tiny_src: Path, engine_dir: Path):
     """transformers' model of the source with the engine's FP8 weights (dequantized), norms
     (smoothing folded in) and input quantization (hooks): the engine's function, computed
     independently of Kiln's runtime."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_src, dtype=torch.float32).eval()
     eng = load_file(engine_dir / "rank0.safetensors")
-    for i, layer in enumerate(model.model.layers):
-        pre = f"transformer.layers.{i}."
-        layer.input_layernorm.weight.data = eng[pre + "input_layernorm.weight"]
-        layer.post_attention_layernorm.weight.data = eng[pre + "post_layernorm.weight"]
-        deq = {m: eng[f"{pre}{m}.weight"].float() * eng[f"{pre}{m}.weights_scaling_factor"] for m in LINEARS}
-        q, k, v = deq["attention.qkv"].split([64, 32, 32])
-        attn, mlp = layer.self_attn, layer.mlp
-        targets = {"attention.dense": [(attn.o_proj, deq["attention.dense"])], "mlp.fc": [(mlp.gate_proj, deq["mlp.fc"])],
-                   "mlp.gate": [(mlp.up_proj, deq["mlp.gate"])], "mlp.proj": [(mlp.down_proj, deq["mlp.proj"])],
-                   "attention.qkv": [(attn.q_proj, q), (attn.k_proj, k), (attn.v_proj, v)]}
-        for module, pairs in targets.items():
-            s_x = float(eng[f"{pre}{module}.activation_scaling_factor"])
-            for linear, weight in pairs:
-                linear.weight.data = weight
-                linear.register_forward_pre_hook(lambda mod, args, s_x=s_x: (_e4m3(args[0] / s_x) * s_x,))
-    return model
+
+    def weight(pre: str, m: str) -> torch.Tensor:
+        return eng[f"{pre}{m}.weight"].float() * eng[f"{pre}{m}.weights_scaling_factor"]
+
+    def quantize_input(pre: str, m: str):
+        s_x = float(eng[f"{pre}{m}.activation_scaling_factor"])
+        return lambda mod, args: (_e4m3(args[0] / s_x) * s_x,)
+
+    return hf_with_engine_weights(tiny_src, eng, weight, quantize_input)
 
 
 def test_tiny_fp8_engine_computes_its_fp8_function(tiny_fp8: Path, tiny_src: Path):
