@@ -83,7 +83,7 @@ for run in $RUNS; do
         tests)
             python3 -m pytest -q -p no:cacheprovider tests/runtime/test_cuda_graphs.py tests/runtime/test_runner_gpu.py \
                 tests/runtime/test_engine_gpu.py tests/kernels/test_gemv.py tests/kernels/test_fp8_kernels.py \
-                tests/kernels/test_int4_kernels.py \
+                tests/kernels/test_int4_kernels.py tests/runtime/test_int4_gpu.py \
                 > "$OUT/tests.log" 2>&1; echo "tests rc=$?: $(tail -1 "$OUT/tests.log")" ;;
         profile)  # one process per configuration: each loads the 16 GB engine
             for prof in ${PROFILES:-1 256 256e}; do  # BATCH[e][t]: e = enforce_eager, t = kernel trace
