@@ -186,13 +186,13 @@ def sweep(results: dict) -> dict:
 def gemv_candidates(m: int) -> list[Int4GemvConfig]:
     fma = [Int4GemvConfig(bn, g, w, s) for bn in (2, 4, 8, 16) for g in (2, 4, 8, 16) for w in (2, 4, 8)
            for s in (2, 3, 4) if bn * g <= 64 and m * bn * g <= 128]
-    dot = [Int4GemvConfig(bn, 1, w, s, True) for bn in (16, 32, 64, 128) for w in (4, 8) for s in (3, 4, 6)]
+    dot = [Int4GemvConfig(bn, g, w, s, True) for bn in (16, 32, 64) for g in (1, 2, 4) for w in (4, 8) for s in (2, 3, 4)]
     return (fma + dot) if m <= 2 else (dot + fma[: len(fma) // 3])
 
 
 def gemm_candidates(m: int) -> list[Int4GemmConfig]:
-    return [Int4GemmConfig(bm, bn, w, s) for bm in (16, 32, 64, 128) for bn in (32, 64, 128, 256)
-            for w in (4, 8) for s in (2, 3, 4, 5) if bm <= max(16, m) and bm * bn <= 128 * 256]
+    return [Int4GemmConfig(bm, bn, w, s, g) for bm in (16, 32, 64, 128) for bn in (32, 64, 128, 256)
+            for w in (4, 8) for s in (2, 3, 4) for g in (1, 2) if bm <= max(16, m) and bm * bn <= 128 * 256]
 
 
 def whole_model(results: dict, best: dict) -> list[str]:

@@ -61,12 +61,14 @@ class Int4GemvConfig:
 
 @dataclass(frozen=True)
 class Int4GemmConfig:
-    """Launch shape of ``gemm_int4``: a BLOCK_N x BLOCK_M output tile per program, one group per K step."""
+    """Launch shape of ``gemm_int4``: a BLOCK_N x BLOCK_M output tile per program; each K step
+    covers ``groups_per_step`` groups (unrolled, so their loads are in flight together)."""
 
     block_m: int
     block_n: int
     num_warps: int = 4
     num_stages: int = 3
+    groups_per_step: int = 1
 
 
 # Not tuned on a GPU yet: scripts/check_int4_gpu.py --sweep prints the best launch shapes per
@@ -81,17 +83,27 @@ def _m_class(m: int) -> str:
 
 def pick_gemv_config(n: int, k: int, m: int, group: int) -> Int4GemvConfig:
     """Tuned launch shape, or the heuristic: CUDA cores over ~1024 inputs per step for one or
-    two rows, tensor cores on 64 outputs for more."""
+    two rows, tensor-core dots over ~512 inputs per step for more."""
     tuned = TUNED_GEMV.get((n, k, group, _m_class(m)))
     if tuned is not None:
         return tuned
+    # Enough bytes in flight to cover the memory latency needs many programs and several groups
+    # per step: 4 bits per weight make every tile a quarter of bf16's.
     if m <= 2:
         return Int4GemvConfig(block_n=8 // m, groups_per_step=_pow2_floor(max(1, min(1024, k) // group)))
-    return Int4GemvConfig(block_n=64, num_warps=4, num_stages=4, use_dot=True)
+    return Int4GemvConfig(block_n=32 if n >= 8192 else 16, groups_per_step=max(1, 512 // group), num_warps=4,
+                          num_stages=3, use_dot=True)
 
 
 def _pow2_floor(v: int) -> int:
     return 1 << (int(v).bit_length() - 1)
+
+
+def _dividing(groups: int, num_groups: int) -> int:
+    """The largest power of two <= ``groups`` dividing ``num_groups`` (unrolled steps take no masks)."""
+    while num_groups % groups:
+        groups //= 2
+    return groups
 
 
 def pick_gemm_config(n: int, k: int, m: int, group: int) -> Int4GemmConfig:
@@ -100,7 +112,9 @@ def pick_gemm_config(n: int, k: int, m: int, group: int) -> Int4GemmConfig:
     if tuned is not None:
         return tuned
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
-    return Int4GemmConfig(block_m=block_m, block_n=128 if m > 32 else 64, num_warps=8 if block_m >= 64 else 4)
+    block_n = 32 if m <= 32 else 64 if m <= 64 else 128
+    return Int4GemmConfig(block_m=block_m, block_n=block_n, num_warps=8 if block_m >= 64 else 4,
+                          groups_per_step=max(1, (256 if m <= 64 else 128) // group))
 
 
 # ----------------------------------------------------------------------------- layout
@@ -154,9 +168,10 @@ def _gemv_int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, p_ptr, out_ptr, norm_ptr, res_
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     num_groups = K // GROUP
     for g0 in tl.range(0, num_groups, GROUPS, num_stages=NUM_STAGES):
-        if USE_DOT:
-            acc += _dot_group(x_ptr, w_rows, s_ptr, z_ptr, p_ptr, norm_ptr, rstd, n_safe, g0, M, N, K, stride_xm,
-                              GROUP, BLOCK_M, NORM, SILU_MUL, ZERO, PREQUANT, UPCAST, PREC)
+        if USE_DOT:  # GROUPS divides the group count here: independent loads, unrolled
+            for j in tl.static_range(GROUPS):
+                acc += _dot_group(x_ptr, w_rows, s_ptr, z_ptr, p_ptr, norm_ptr, rstd, n_safe, g0 + j, M, N, K,
+                                  stride_xm, GROUP, BLOCK_M, NORM, SILU_MUL, ZERO, PREQUANT, UPCAST, PREC)
         else:
             acc += _fma_groups(x_ptr, w_rows, s_ptr, z_ptr, p_ptr, norm_ptr, rstd, n_safe, g0, num_groups, M, N, K,
                                stride_xm, GROUP, GROUPS, BLOCK_M, BLOCK_N, EVEN_G, NORM, SILU_MUL, ZERO, PREQUANT)
@@ -256,7 +271,9 @@ def gemv_int4(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
         return out
     cfg = config or pick_gemv_config(n, k, m, group_size)
     rows = next_pow2(m)
-    groups = 1 if cfg.use_dot else _pow2_floor(max(1, min(cfg.groups_per_step, k // group_size)))
+    groups = _pow2_floor(max(1, min(cfg.groups_per_step, k // group_size)))
+    if cfg.use_dot:
+        groups = _dividing(groups, k // group_size)
     res = residual if residual is not None else out
     _gemv_int4_kernel[(triton.cdiv(n, cfg.block_n),)](
         x, weight, scales, zeros if zeros is not None else scales, prequant if prequant is not None else scales,
@@ -275,8 +292,8 @@ def gemv_int4(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
 
 @triton.jit
 def _gemm_int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-                      GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ZERO: tl.constexpr,
-                      UPCAST: tl.constexpr, PREC: tl.constexpr, NUM_STAGES: tl.constexpr):
+                      GROUP: tl.constexpr, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      ZERO: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, NUM_STAGES: tl.constexpr):
     HALF: tl.constexpr = GROUP // 2
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -286,22 +303,24 @@ def _gemm_int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, s
     x_cols = x_ptr + offs_m.to(tl.int64) * stride_xm  # the x^T tile: K down, rows across
     offs = tl.arange(0, HALF)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for g in tl.range(0, K // GROUP, num_stages=NUM_STAGES):
-        lo, hi = _unpack(tl.load(w_rows[:, None] + (g * HALF + offs)[None, :]))
-        x_lo = tl.load(x_cols[None, :] + (g * GROUP + offs)[:, None], mask=m_ok[None, :], other=0.0)
-        x_hi = tl.load(x_cols[None, :] + (g * GROUP + HALF + offs)[:, None], mask=m_ok[None, :], other=0.0)
-        if UPCAST:
-            part = tl.dot(lo, x_lo.to(tl.float32), input_precision=PREC)
-            part = tl.dot(hi, x_hi.to(tl.float32), part, input_precision=PREC)
-        else:
-            part = tl.dot(lo.to(x_lo.dtype), x_lo, input_precision=PREC)
-            part = tl.dot(hi.to(x_lo.dtype), x_hi, part, input_precision=PREC)
-        s = tl.load(s_ptr + g * N + n_safe).to(tl.float32)
-        acc += part * s[:, None]
-        if ZERO:
-            z = tl.load(z_ptr + g * N + n_safe).to(tl.float32)
-            xsum = tl.sum(x_lo.to(tl.float32), 0) + tl.sum(x_hi.to(tl.float32), 0)
-            acc += z[:, None] * xsum[None, :]
+    for g0 in tl.range(0, K // GROUP, GROUPS, num_stages=NUM_STAGES):
+        for j in tl.static_range(GROUPS):  # GROUPS divides the group count
+            g = g0 + j
+            lo, hi = _unpack(tl.load(w_rows[:, None] + (g * HALF + offs)[None, :]))
+            x_lo = tl.load(x_cols[None, :] + (g * GROUP + offs)[:, None], mask=m_ok[None, :], other=0.0)
+            x_hi = tl.load(x_cols[None, :] + (g * GROUP + HALF + offs)[:, None], mask=m_ok[None, :], other=0.0)
+            if UPCAST:
+                part = tl.dot(lo, x_lo.to(tl.float32), input_precision=PREC)
+                part = tl.dot(hi, x_hi.to(tl.float32), part, input_precision=PREC)
+            else:
+                part = tl.dot(lo.to(x_lo.dtype), x_lo, input_precision=PREC)
+                part = tl.dot(hi.to(x_lo.dtype), x_hi, part, input_precision=PREC)
+            s = tl.load(s_ptr + g * N + n_safe).to(tl.float32)
+            acc += part * s[:, None]
+            if ZERO:
+                z = tl.load(z_ptr + g * N + n_safe).to(tl.float32)
+                xsum = tl.sum(x_lo.to(tl.float32), 0) + tl.sum(x_hi.to(tl.float32), 0)
+                acc += z[:, None] * xsum[None, :]
     mask = (offs_n < N)[:, None] & m_ok[None, :]
     tl.store(out_ptr + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None], acc.to(out_ptr.dtype.element_ty),
              mask=mask)
@@ -321,7 +340,8 @@ def gemm_int4(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m))
     _gemm_int4_kernel[grid](
         x, weight, scales, zeros if zeros is not None else scales, out, m, n, k, x.stride(0), weight.stride(0),
-        out.stride(0), GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ZERO=zeros is not None,
+        out.stride(0), GROUP=group_size, GROUPS=_dividing(_pow2_floor(max(1, cfg.groups_per_step)), k // group_size),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ZERO=zeros is not None,
         UPCAST=upcast_dots(x), PREC=dot_precision(x.dtype), NUM_STAGES=cfg.num_stages,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out

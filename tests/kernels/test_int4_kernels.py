@@ -57,12 +57,13 @@ CONFIGS = {
     "fma": int4.Int4GemvConfig(block_n=8, groups_per_step=2),  # 3 groups of K=192: a partial step
     "fma1": int4.Int4GemvConfig(block_n=16, groups_per_step=1, num_warps=2),
     "dot": int4.Int4GemvConfig(block_n=16, use_dot=True),
+    "dot3": int4.Int4GemvConfig(block_n=16, groups_per_step=4, use_dot=True),  # 3 groups: unrolls 1 per step
 }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fusion", list(FUSIONS))
-@pytest.mark.parametrize("m, config", [(1, "fma"), (3, "fma1"), (8, "dot"), (2, "dot")])
+@pytest.mark.parametrize("m, config", [(1, "fma"), (3, "fma1"), (8, "dot"), (2, "dot3")])
 def test_gemv_int4(m, config, fusion, dtype, device, gen):
     norm, silu, res, pre = FUSIONS[fusion]
     n, k, group = 40, 192, 64  # N=40 leaves a partial column block
@@ -74,7 +75,10 @@ def test_gemv_int4(m, config, fusion, dtype, device, gen):
     out = int4.gemv_int4(x, w8, scales, zeros, group, eps=EPS, config=CONFIGS[config], **kwargs)
     assert out.shape == (m, n) and out.dtype == dtype
     err = rel_err(out, _reference(x, w, **kwargs))
-    assert err < TOL[dtype], f"{config} {fusion} m={m}: error {err:.3g} (seed {gen.initial_seed()})"
+    # Triton 3.9's CPU interpreter truncates fp32 -> bf16 (a GPU rounds to nearest), which roughly
+    # doubles the error of a prologue that rounds twice (norm or SiLU, then the pre-scale).
+    tol = TOL[dtype] * (2 if pre and dtype == torch.bfloat16 and not torch.cuda.is_available() else 1)
+    assert err < tol, f"{config} {fusion} m={m}: error {err:.3g} (seed {gen.initial_seed()})"
 
 
 @pytest.mark.parametrize("group", [32, 128])
@@ -92,7 +96,8 @@ def test_gemv_int4_groups_and_symmetric(group, zero, device, gen):
 def test_gemm_int4(m, dtype, device, gen):
     w8, scales, zeros, w = _weights(72, 256, 128, zero=True, dtype=dtype, device=device, gen=gen)
     x = torch.randn(m, 256, generator=gen).to(dtype).to(device)
-    out = int4.gemm_int4(x, w8, scales, zeros, 128, config=int4.Int4GemmConfig(block_m=16, block_n=32))
+    out = int4.gemm_int4(x, w8, scales, zeros, 128, config=int4.Int4GemmConfig(block_m=16, block_n=32,
+                                                                                groups_per_step=2))
     assert out.shape == (m, 72) and out.dtype == dtype
     assert rel_err(out, _reference(x, w)) < TOL[dtype], f"m={m} (seed {gen.initial_seed()})"
 
