@@ -21,7 +21,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -29,8 +29,8 @@ from kiln.engine_builder.awq import AwqOptions, clip_for, search_clip, search_sc
 from kiln.engine_builder.calibration import CalibrationOptions, calibration_device, run_layerwise
 from kiln.engine_builder.errors import BuildOptionError
 from kiln.engine_builder.format import KV_CACHE_SCALE, LAYER, ModelConfig, plan_rank
-from kiln.engine_builder.int4 import (GROUP_SIZES, PREQUANT, SCALE, WEIGHT, ZERO, QuantizedWeight, check_group_size,
-                                      int4_quantization, parse_int4_piece, quantize_rtn)
+from kiln.engine_builder.int4 import (GROUP_SIZES, PREQUANT, SCALE, WEIGHT, ZERO, check_group_size, int4_quantization,
+                                      parse_int4_piece, quantize_rtn)
 from kiln.runtime.quant.fp8 import FP8_MAX
 
 logger = logging.getLogger(__name__)
@@ -159,6 +159,15 @@ class AwqCalibrator:
         recipe.layers.append(lr)
 
 
+class PackedWeight(NamedTuple):
+    """A quantized source linear as the engine stores it: packed int4 [N, K/2], scales and zero
+    points [K/g, N] (zeros None when symmetric)."""
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+
+
 class Int4Source:
     """A TensorSource serving an INT4 engine: the rank tensors of every quantized linear under
     ``int4_piece`` names, norms (and v's bias) with the AWQ scales folded in, the rest as is.
@@ -175,7 +184,7 @@ class Int4Source:
         self._pieces: dict[tuple[str, int, int], tuple] = {}  # (weight name, rank, tp) -> unquantized plan pieces
         self._roles = {names[key].format(l=layer): (layer, key) for layer in range(mc.num_hidden_layers)
                        for key in (*GROUP_OF_KEY, *TENSOR_FOLDS)}
-        self._cache: dict[str, QuantizedWeight] = {}
+        self._cache: dict[str, PackedWeight] = {}
         self._cached_layer = -1
 
     def describe(self) -> dict[str, Any]:
@@ -223,7 +232,7 @@ class Int4Source:
         d, per = mc.head_size, mc.num_attention_heads // mc.num_key_value_heads
         return s.view(mc.num_key_value_heads, per, d)[:, 0].reshape(-1)
 
-    def _quantized(self, name: str) -> QuantizedWeight:
+    def _quantized(self, name: str) -> PackedWeight:
         """The INT4 form of source linear ``name`` (full, unsharded), cached for its layer."""
         layer, key = self._roles[name]
         if layer != self._cached_layer:
@@ -239,8 +248,7 @@ class Int4Source:
             o = self.recipe.awq
             clip = self.recipe.layers[layer].clip.get(key) if self.recipe.layers else None
             q = quantize_rtn(w, o.group_size, o.zero_point, self.mc.torch_dtype, clip_for(clip, o))
-            self._cache[name] = QuantizedWeight(q.q.cpu(), q.scales.cpu(), None if q.zeros is None else q.zeros.cpu(),
-                                                q.group_size)
+            self._cache[name] = PackedWeight(q.packed().cpu(), q.scales.cpu(), None if q.zeros is None else q.zeros.cpu())
         return self._cache[name]
 
     def _plan_pieces(self, weight: str, rank: int, tp: int) -> tuple:
@@ -262,7 +270,7 @@ class Int4Source:
             cols = slice(*p.cols) if p.cols else slice(None)
             gcols = slice(p.cols[0] // g, p.cols[1] // g) if p.cols else slice(None)
             if kind == WEIGHT:
-                parts.append(qw.packed()[rows, slice(cols.start // 2, cols.stop // 2) if p.cols else cols])
+                parts.append(qw.packed[rows, slice(cols.start // 2, cols.stop // 2) if p.cols else cols])
             elif kind in (SCALE, ZERO):
                 parts.append((qw.scales if kind == SCALE else qw.zeros)[gcols, rows])
             else:  # PREQUANT: the same input for every piece; 1/s where dense was not folded, else ones
