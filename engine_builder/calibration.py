@@ -12,8 +12,10 @@ same inputs):
 weights are loaded (``weights``: float32 tensors by the logical keys of
 ``format.SOURCE_KEYS``) with ``stats``: a ``SiteStats`` per input site (``SITES``): the input
 of attention.qkv, attention.dense, the MLP's gate/up GEMM and mlp.proj, and the keys (after
-rotary) and values written to the KV cache. Each holds per-channel absmax and mean |x| and a
-fixed sample of rows, enough to score candidate scales against the real activations.
+rotary) and values written to the KV cache. Each holds per-channel absmax and mean |x|, the rows
+with the largest |x| (attention-sink tokens carry activations ~1000x the rest: a uniform sample
+would miss them), a uniform sample of the other rows, and on request the Gram matrix sum x^T x
+(GPTQ's Hessian): enough to score candidate scales against the real activations.
 
 Memory: the residual stream of every calibration token ([samples * seq_len, hidden] float32),
 one layer's weights in float32 and one chunk of that layer's activations; never the whole
@@ -192,17 +194,27 @@ def make_calibration_set(text: CalibrationText, tokenizer: Any, num_samples: int
 class SiteStats:
     """Statistics of one activation site over the calibration tokens (float32, on the device).
 
-    ``absmax[c]`` = max |x[:, c]|, ``abs_mean[c]`` = mean |x[:, c]|, ``samples`` a fixed subset
-    of rows (the same rows for every site of a layer)."""
+    ``absmax[c]`` = max |x[:, c]|, ``abs_mean[c]`` = mean |x[:, c]|; ``top_rows`` the rows of
+    largest max |x| and ``samples`` a uniform sample of rows (the same rows for every site of a
+    layer), which stands for ``sample_weight`` rows each, so sums over ``top_rows`` plus
+    ``sample_weight`` times sums over ``samples`` estimate sums over all ``count`` rows;
+    ``gram`` = sum x^T x over all rows, or None when not requested."""
 
     absmax: torch.Tensor
     abs_mean: torch.Tensor
     samples: torch.Tensor
+    top_rows: torch.Tensor
+    top_max: torch.Tensor
+    gram: torch.Tensor | None = None
     count: int = 0
 
     @property
     def amax(self) -> float:
         return float(self.absmax.max())
+
+    @property
+    def sample_weight(self) -> float:
+        return max(self.count - len(self.top_rows), 0) / max(len(self.samples), 1)
 
 
 @dataclass
@@ -210,6 +222,8 @@ class LayerStats:
     """Accumulates ``SiteStats`` for one layer, chunk by chunk."""
 
     sample_rows: int
+    top_rows: int = 64
+    gram_sites: tuple[str, ...] = ()
     sites: dict[str, SiteStats] = field(default_factory=dict)
     _sums: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -219,7 +233,8 @@ class LayerStats:
         a = x.abs()
         stats = self.sites.get(site)
         if stats is None:
-            stats = self.sites[site] = SiteStats(a.amax(0), a.new_zeros(x.shape[1]), x[:0])
+            gram = x.new_zeros(x.shape[1], x.shape[1]) if site in self.gram_sites else None
+            stats = self.sites[site] = SiteStats(a.amax(0), a.new_zeros(x.shape[1]), x[:0], x[:0], a[:0, 0], gram)
             self._sums[site] = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
         else:
             torch.maximum(stats.absmax, a.amax(0), out=stats.absmax)
@@ -227,6 +242,11 @@ class LayerStats:
         stats.count += x.shape[0]
         stats.abs_mean = (self._sums[site] / stats.count).float()
         stats.samples = torch.cat([stats.samples, x[rows]])
+        row_max = torch.cat([stats.top_max, a.amax(1)])
+        keep = row_max.topk(min(self.top_rows, len(row_max))).indices
+        stats.top_rows, stats.top_max = torch.cat([stats.top_rows, x])[keep], row_max[keep]
+        if stats.gram is not None:
+            stats.gram += x.T @ x
 
 
 # ----------------------------------------------------------------------------- the layer-wise run
@@ -239,11 +259,12 @@ def calibration_device() -> torch.device:
 
 
 def run_layerwise(source: TensorSource, mc: ModelConfig, names: dict[str, str], tokens: torch.Tensor,
-                  visit: LayerVisitor, *, sample_rows: int = 1024, device: torch.device | None = None,
-                  progress: bool = True) -> torch.Tensor:
+                  visit: LayerVisitor, *, sample_rows: int = 1024, top_rows: int = 64, gram: bool = False,
+                  device: torch.device | None = None, progress: bool = True) -> torch.Tensor:
     """Run the source model's decoder layers over ``tokens`` [samples, seq_len] in float32, one
-    layer at a time, and call ``visit`` for each (see the module docstring). Returns the last
-    layer's output (the residual stream before the final norm), [samples, seq_len, hidden]."""
+    layer at a time, and call ``visit`` for each (see the module docstring); ``gram`` adds the
+    linear inputs' Gram matrices. Returns the last layer's output (the residual stream before
+    the final norm), [samples, seq_len, hidden]."""
     from tqdm import tqdm
 
     from kiln.runtime.layers import build_cos_sin_cache
@@ -261,7 +282,7 @@ def run_layerwise(source: TensorSource, mc: ModelConfig, names: dict[str, str], 
     bar = tqdm(total=mc.num_hidden_layers * samples, desc="calibrate", unit="seq", disable=not progress)
     for layer in range(mc.num_hidden_layers):
         weights = _layer_weights(source, names, layer, device)
-        stats = LayerStats(sample_rows)
+        stats = LayerStats(sample_rows, top_rows, ("qkv", "dense", "gate_up", "down") if gram else ())
         for start in range(0, samples, chunk):
             block = hidden[start:start + chunk]
             rows = torch.randperm(block.shape[0] * seq_len, generator=gen)[:per_chunk].to(device)

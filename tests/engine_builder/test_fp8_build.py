@@ -65,10 +65,11 @@ def test_layout_and_manifest(tiny_fp8: Path, tiny_src: Path):
 
 
 def test_weights_keep_the_products(tiny_fp8: Path, tiny_src: Path):
-    """q, k and v are quantized to the one qkv scale; undoing the smoothing (source norm / engine
-    norm) gives the source weights back within one fp8 rounding; dense has no smoothing. The MLP
-    (smoothing folded into post_layernorm and, for the down projection, into mlp.gate's rows)
-    computes the source's MLP up to fp8 weight rounding."""
+    """The engine computes the source's linears up to fp8 rounding: qkv (smoothing folded into
+    input_layernorm, undone here as source norm / engine norm) and dense on their own, the MLP
+    (smoothing folded into post_layernorm and, for the down projection, into mlp.gate's rows) as
+    a whole. GPTQ moves weights by more than one rounding step, so products are compared, not
+    elements."""
     src = load_file(tiny_src / "model.safetensors")
     eng = load_file(tiny_fp8 / "rank0.safetensors")
     h = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
@@ -77,9 +78,8 @@ def test_weights_keep_the_products(tiny_fp8: Path, tiny_src: Path):
         smooth = src[f"{hf}input_layernorm.weight"] / eng[f"{pre}input_layernorm.weight"]
         deq = {m: eng[f"{pre}{m}.weight"].float() * eng[f"{pre}{m}.weights_scaling_factor"] for m in LINEARS}
         want = torch.cat([src[f"{hf}self_attn.{p}_proj.weight"] for p in "qkv"])
-        _assert_within_fp8_rounding(deq["attention.qkv"] / smooth, want, eng[f"{pre}attention.qkv.weights_scaling_factor"] / smooth)
-        _assert_within_fp8_rounding(deq["attention.dense"], src[f"{hf}self_attn.o_proj.weight"],
-                                    eng[f"{pre}attention.dense.weights_scaling_factor"])
+        _assert_close_products(h, deq["attention.qkv"] / smooth, want)
+        _assert_close_products(h, deq["attention.dense"], src[f"{hf}self_attn.o_proj.weight"])
 
         def mlp(norm, gate, up, down):
             x = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * norm
@@ -87,13 +87,14 @@ def test_weights_keep_the_products(tiny_fp8: Path, tiny_src: Path):
 
         want = mlp(src[f"{hf}post_attention_layernorm.weight"], *(src[f"{hf}mlp.{p}_proj.weight"] for p in ("gate", "up", "down")))
         got = mlp(eng[f"{pre}post_layernorm.weight"], deq["mlp.fc"], deq["mlp.gate"], deq["mlp.proj"])
-        assert float((got - want).norm() / want.norm()) < 0.05
+        # Three roundings in a row, GPTQ fitted to calibration inputs rather than these random
+        # ones (~8% measured); a missing or misplaced fold scales channels by the smoothing factors.
+        assert float((got - want).norm() / want.norm()) < 0.12
 
 
-def _assert_within_fp8_rounding(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor) -> None:
-    # Half an fp8 step: 2^-4 relative in the normal range, 2^-10 * scale among the subnormals.
-    bound = want.abs() * 2.0**-4 + scale * 2.0**-10 + 1e-7
-    assert bool(((got - want).abs() <= bound * 1.001).all())
+def _assert_close_products(x: torch.Tensor, got: torch.Tensor, want: torch.Tensor) -> None:
+    # Per-tensor E4M3 rounding of the weights alone costs ~2-3% relative error in x @ W^T.
+    assert float((x @ got.T - x @ want.T).norm() / (x @ want.T).norm()) < 0.05
 
 
 def test_scale_round_trip_into_the_runtime(tiny_fp8: Path):
