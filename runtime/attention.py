@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kiln.runtime import layers
+from kiln.runtime import fp8_kv, layers
 
 logger = logging.getLogger(__name__)
 
@@ -51,16 +51,30 @@ class AttentionMetadata:
 
 
 def write_kv_cache(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    *, k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> None:
-    """Store k/v [T, Hkv, D] at their slots of the caches [NB, BS, Hkv, D]; slot < 0 is skipped."""
+    """Store k/v [T, Hkv, D] at their slots of the caches [NB, BS, Hkv, D]; slot < 0 is skipped.
+
+    An FP8 cache stores ``fp8_kv.quantize(x, scale)``; other caches take scales of 1.0 only.
+    """
+    _check_scales(k_cache, k_scale, v_scale)
     num_slots = k_cache.shape[0] * k_cache.shape[1]
     # A boolean mask is a host sync on CUDA; acceptable here, since on CUDA the Triton
     # kernel normally does this and the reference is the fallback.
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
-    k_cache.view(num_slots, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
-    v_cache.view(num_slots, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+    if k_cache.dtype == fp8_kv.FP8_KV_DTYPE:
+        k_new, v_new = fp8_kv.quantize(k[keep], k_scale), fp8_kv.quantize(v[keep], v_scale)
+    else:
+        k_new, v_new = k[keep].to(k_cache.dtype), v[keep].to(v_cache.dtype)
+    k_cache.view(num_slots, *k_cache.shape[2:])[slots] = k_new
+    v_cache.view(num_slots, *v_cache.shape[2:])[slots] = v_new
+
+
+def _check_scales(cache: torch.Tensor, k_scale: float, v_scale: float) -> None:
+    if cache.dtype != fp8_kv.FP8_KV_DTYPE and (k_scale != 1.0 or v_scale != 1.0):
+        raise ValueError(f"KV scales ({k_scale}, {v_scale}) apply to an FP8 cache only; this cache is {cache.dtype}")
 
 
 def _attend_group(
@@ -73,6 +87,8 @@ def _attend_group(
     scale: float,
     max_query_len: int,
     max_seq_len: int,
+    k_scale: float,
+    v_scale: float,
 ) -> torch.Tensor:
     """Reference attention for one group of sequences (q holds exactly their tokens)."""
     num_tokens, num_heads, head_size = q.shape
@@ -99,7 +115,8 @@ def _attend_group(
     qg = padded.view(num_seqs, max_query_len, num_kv_heads, group, head_size).permute(0, 2, 3, 1, 4)
     kg = keys.permute(0, 2, 1, 3).unsqueeze(2)  # [B, Hkv, 1, S, D]
     vg = values.permute(0, 2, 1, 3).unsqueeze(2)
-    scores = torch.matmul(qg.float(), kg.float().transpose(-1, -2)) * scale  # [B, Hkv, G, Lq, S]
+    # The KV scales multiply the logits and the output, as in the kernels (1.0 unless FP8).
+    scores = torch.matmul(qg.float(), kg.float().transpose(-1, -2)) * (scale * k_scale)  # [B, Hkv, G, Lq, S]
 
     # Query i of sequence b sits at position seq_len - q_len + i and sees keys at <= it.
     q_pos = (seq_lens - q_lens).long().unsqueeze(1) + torch.arange(max_query_len, device=device)
@@ -109,6 +126,8 @@ def _attend_group(
     scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     out = torch.matmul(probs, vg.float())  # [B, Hkv, G, Lq, D]
+    if v_scale != 1.0:
+        out = out * v_scale
     out = out.permute(0, 3, 1, 2, 4).reshape(num_seqs, max_query_len, num_heads, head_size)
     return out[seq_idx, tok_idx].to(q.dtype)
 
@@ -123,13 +142,20 @@ def paged_attention(
     scale: float,
     max_query_len: int,
     max_seq_len: int,
+    *,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Causal attention of q [T, Hq, D] over each sequence's paged context -> [T, Hq, D]."""
+    """Causal attention of q [T, Hq, D] over each sequence's paged context -> [T, Hq, D].
+
+    An FP8 cache holds K/V divided by ``k_scale``/``v_scale`` (runtime/fp8_kv.py)."""
+    _check_scales(k_cache, k_scale, v_scale)
     num_seqs = seq_lens.shape[0]
     per_seq = q.shape[1] * max_query_len * max_seq_len
+    scales = (k_scale, v_scale)
     if num_seqs * per_seq <= _MAX_SCORE_ELEMENTS or num_seqs == 1:
         return _attend_group(
-            q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len, max_seq_len
+            q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len, max_seq_len, *scales
         )
     # Fallback for very large mixed batches: groups of sequences bounded in score memory.
     # Needs the host copy of query_start_loc (one sync); the Triton path never gets here.
@@ -142,6 +168,7 @@ def paged_attention(
             _attend_group(
                 q[starts[b0] : starts[b1]], k_cache, v_cache, block_tables[b0:b1],
                 query_start_loc[b0 : b1 + 1] - starts[b0], seq_lens[b0:b1], scale, max_query_len, max_seq_len,
+                *scales,
             )
         )
     return torch.cat(outputs)

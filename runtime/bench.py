@@ -73,6 +73,9 @@ def _make_engine(args: argparse.Namespace):
         "max_batch_size": args.max_batch_size,
         "max_num_tokens": args.max_num_tokens,
         "kv_cache_fraction": args.kv_cache_fraction,
+        "num_kv_cache_tokens": args.num_kv_cache_tokens,
+        "max_model_len": args.max_model_len,
+        "kv_cache_dtype": args.kv_cache_dtype,
         "capacity_policy": args.capacity_policy,
         "enforce_eager": args.enforce_eager or None,
         "device": args.device,
@@ -220,6 +223,10 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=int, help="scheduler: max sequences per step")
     p.add_argument("--max-num-tokens", type=int, help="scheduler: token budget per step")
     p.add_argument("--kv-cache-fraction", type=float, help="fraction of free GPU memory for the KV cache")
+    p.add_argument("--num-kv-cache-tokens", type=int, help="KV cache size in tokens (overrides the fraction)")
+    p.add_argument("--max-model-len", type=int, help="longest prompt + output (default: the model's)")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "model", "fp8"),
+                   help="auto (default): FP8 when the engine has KV scales; model: the model dtype; fp8: always")
     p.add_argument("--capacity-policy", choices=("guaranteed_no_evict", "max_utilization"),
                    help="scheduler: reserve every request's prompt + max_tokens up front (default), or admit "
                         "while blocks last and preempt when they run out")

@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 
 # torch is imported inside the methods that need it: the server's command line builds this
 # config, and `serve-llm --help` must not pay for importing torch.
+# kv_cache_dtype values (kiln.runtime.fp8_kv resolves them; it imports torch, this module must not).
+KV_CACHE_DTYPES = ("auto", "model", "fp8")
 _DEVICES = ("auto", "cpu", "cuda")
 _ATTENTION_BACKENDS = ("auto", "triton", "torch")
 _CAPACITY_POLICIES = ("guaranteed_no_evict", "max_utilization")
@@ -33,6 +35,9 @@ class EngineConfig:
     or pure methods, so two components reading the config always agree.
     ``num_kv_cache_tokens`` (when set) overrides the memory-fraction sizing of the KV cache;
     ``max_model_len=None`` means the model's ``max_position_embeddings``.
+    ``kv_cache_dtype``: "auto" = what the engine says (FP8 when it has KV scales, else the
+    compute dtype), "model" = the compute dtype, "fp8" = FP8 even without scales (scale 1.0);
+    runtime/fp8_kv.py ``resolve_kv_cache_dtype``.
     """
 
     engine_dir: str | Path
@@ -42,6 +47,7 @@ class EngineConfig:
     block_size: int = 32
     kv_cache_fraction: float = 0.9
     num_kv_cache_tokens: int | None = None
+    kv_cache_dtype: str = "auto"
     capacity_policy: str = "guaranteed_no_evict"
     enable_prefix_caching: bool = True
     max_model_len: int | None = None
@@ -59,6 +65,8 @@ class EngineConfig:
             raise EngineConfigError(
                 f"attention_backend must be one of {_ATTENTION_BACKENDS}, got {self.attention_backend!r}"
             )
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise EngineConfigError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.capacity_policy not in _CAPACITY_POLICIES:
             raise EngineConfigError(f"capacity_policy must be one of {_CAPACITY_POLICIES}, got {self.capacity_policy!r}")
         for name in ("max_num_tokens", "max_batch_size", "block_size"):

@@ -70,7 +70,7 @@ class LLMEngine:
         # Not kept: its memory-mapped tensors are only read while rank 0's runner builds the model.
         loaded_engine = load_engine(config.engine_dir, rank=0)
         self.model_config = loaded_engine.model_config
-        self.tokenizer = _load_tokenizer(Path(loaded_engine.path))
+        self.tokenizer = load_tokenizer(Path(loaded_engine.path))
         self.eos_token_ids = _eos_token_ids(Path(loaded_engine.path), self.tokenizer)
         self.executor: Executor = make_executor(config, loaded_engine)
         del loaded_engine
@@ -129,6 +129,10 @@ class LLMEngine:
     def __exit__(self, *exc_info: object) -> None:
         self.shutdown()
 
+    def check_alive(self) -> None:
+        """Raise FatalEngineError if the engine cannot go on (a tensor-parallel worker died)."""
+        self.executor.check_alive()
+
     def _check_running(self) -> None:
         self.executor.check_alive()
         if self.executor.is_shut_down:
@@ -149,8 +153,7 @@ class LLMEngine:
         if request_id in self._parents or request_id in self._children:
             raise RequestRejected(f"request id {request_id!r} is already in use")
         params = sampling_params or SamplingParams()
-        text, token_ids = self._tokenize(prompt)
-        self._check_prompt(token_ids)
+        text, token_ids = prepare_prompt(prompt, self.tokenizer, self.model_config.vocab_size)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         parent = _ParentRequest(request_id, text, token_ids, child_ids, RequestMetrics(arrival_time=arrival))
@@ -175,25 +178,6 @@ class LLMEngine:
                 self._children.pop(child_id, None)
             raise
         self._parents[request_id] = parent
-
-    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise RequestRejected("this engine has no tokenizer: pass the prompt as token ids")
-            return prompt, list(self.tokenizer.encode(prompt))
-        token_ids = list(prompt)
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
-            raise RequestRejected("a token-id prompt must be a list of integers")
-        return None, token_ids
-
-    def _check_prompt(self, token_ids: list[int]) -> None:
-        if not token_ids:
-            raise RequestRejected("the prompt is empty")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in token_ids if not 0 <= t < vocab]
-        if bad:
-            raise RequestRejected(f"prompt token id {bad[0]} is out of the vocabulary (size {vocab})")
-        # Length limits (max_model_len, KV capacity) are the scheduler's to check: it names them.
 
     @staticmethod
     def _child_params(params: SamplingParams, index: int) -> SamplingParams:
@@ -360,10 +344,32 @@ class LLMEngine:
             prompt_tokens=self._num_prompt_tokens,
             generation_tokens=self._num_generation_tokens,
             num_failed_steps=self._num_failed_steps,
+            kv_cache_tokens=self.executor.num_blocks * self.executor.block_size,
+            num_batch_slots_used=self.runner.num_batch_slots_used,
         )
 
 
-def _load_tokenizer(path: Path) -> Any:
+def prepare_prompt(prompt: str | list[int], tokenizer: Any, vocab_size: int) -> tuple[str | None, list[int]]:
+    """(text or None, token ids) of a prompt, checked: raises RequestRejected for a text prompt
+    without a tokenizer, non-integer ids, an empty prompt or an id outside the vocabulary.
+    Length limits (max_model_len, KV capacity) are the scheduler's to check: it names them."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise RequestRejected("this engine has no tokenizer: pass the prompt as token ids")
+        text, token_ids = prompt, list(tokenizer.encode(prompt))
+    else:
+        text, token_ids = None, list(prompt)
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
+            raise RequestRejected("a token-id prompt must be a list of integers")
+    if not token_ids:
+        raise RequestRejected("the prompt is empty")
+    bad = [t for t in token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise RequestRejected(f"prompt token id {bad[0]} is out of the vocabulary (size {vocab_size})")
+    return text, token_ids
+
+
+def load_tokenizer(path: Path) -> Any:
     """The engine directory's tokenizer, or None for engines built without one."""
     if not any((path / name).exists() for name in _TOKENIZER_FILES):
         logger.info("no tokenizer in %s: prompts must be token ids and texts will be empty", path)

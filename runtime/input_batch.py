@@ -38,6 +38,13 @@ class InvalidRequestError(ValueError):
     """A request the runner cannot hold (bad token id, too long, bad block id)."""
 
 
+def _log_failure(request_id: str, what: str, exc: Exception) -> None:
+    if isinstance(exc, InvalidRequestError):  # expected: one line
+        logger.warning("request %s %s: %s", request_id, what, exc)
+    else:  # a bug: keep the traceback
+        logger.error("request %s %s", request_id, what, exc_info=exc)
+
+
 @dataclass
 class RequestState:
     """One request's runner-side state; its token counts and sampling settings live in
@@ -125,7 +132,11 @@ class InputBatch:
     # ------------------------------------------------------------------ state
 
     def apply(self, so: SchedulerOutput) -> set[str]:
-        """Fold a step's plan into the state; returns the ids that failed to be added/updated."""
+        """Fold a step's plan into the state; returns the ids that failed to be added/updated.
+
+        A request that fails here, whatever the exception, fails alone and holds no row
+        afterwards (the scheduler frees its blocks when it sees it failed); the others go on.
+        """
         for request_id in so.finished_request_ids | so.preempted_request_ids:
             self.remove(request_id)
         failed: set[str] = set()
@@ -134,8 +145,9 @@ class InputBatch:
             try:
                 self.add(new.request_id, new.token_ids, new.num_prompt_tokens, new.sampling_params,
                          new.block_ids, new.num_computed_tokens, new.eos_token_ids)
-            except InvalidRequestError as exc:
-                logger.warning("request %s rejected by the runner: %s", new.request_id, exc)
+            except Exception as exc:  # noqa: BLE001 - any bug here must stay this request's
+                _log_failure(new.request_id, "rejected by the runner", exc)
+                self.remove(new.request_id)
                 failed.add(new.request_id)
         for cached in so.cached_requests:
             state = self.requests.get(cached.request_id)
@@ -145,8 +157,8 @@ class InputBatch:
                 if cached.new_block_ids:
                     self._append_blocks(state.row, cached.new_block_ids)
                 self.num_computed[state.row] = cached.num_computed_tokens
-            except InvalidRequestError as exc:
-                logger.warning("request %s failed in the runner: %s", cached.request_id, exc)
+            except Exception as exc:  # noqa: BLE001
+                _log_failure(cached.request_id, "failed in the runner", exc)
                 self.remove(cached.request_id)
                 failed.add(cached.request_id)
         return failed
@@ -165,19 +177,24 @@ class InputBatch:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device)
-            generator.manual_seed(params.seed)
+            try:
+                generator.manual_seed(params.seed)
+            except (RuntimeError, OverflowError, TypeError) as exc:
+                raise InvalidRequestError(f"seed {params.seed!r} cannot seed a generator: {exc}") from None
+        # Everything that can fail writes into the top free row before it is taken: a failure
+        # leaves the row free (its stale values are overwritten by its next owner).
         row = self.free_rows[-1]
         self.num_blocks_of[row] = 0
         self._append_blocks(row, block_ids)
-        self.free_rows.pop()
+        self.sampling.set(row, params, eos_token_ids)
         self.token_ids[row, : len(ids)] = ids
+        self.free_rows.pop()
         self.num_tokens[row] = len(ids)
         self.num_computed[row] = num_computed_tokens
         self.num_prompt[row] = num_prompt_tokens
         self.prompt_logprobs[row] = -1 if params.prompt_logprobs is None else params.prompt_logprobs
         self.num_pending[row] = 0
         self.row_gen[row] += 1
-        self.sampling.set(row, params, eos_token_ids)
         self.requests[request_id] = RequestState(row, generator)
 
     def _append_blocks(self, row: int, block_ids: list[int]) -> None:

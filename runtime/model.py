@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.runtime.attention import AttentionMetadata, KernelSet
+from kiln.runtime.fp8_kv import FP8_KV_DTYPE, layer_kv_scales
 from kiln.runtime.layers import build_cos_sin_cache, rms_norm
 from kiln.runtime.linear import (Linear, LinearContext, LinearMethod, MissingWeightError, UnquantizedLinear,
                                  linear_method_for)
@@ -78,6 +79,7 @@ class DecoderLayer:
         self.kv_size = shape.num_kv_heads * shape.head_size
         self.scale = shape.head_size**-0.5
         self.rotary_and_write_kv = _fused_rotary_kv(ops)
+        self.kv_scales: dict[str, float] = weights["kv_scales"]  # k_scale / v_scale of an FP8 KV cache
 
     @property
     def linears(self) -> tuple[Linear, ...]:
@@ -86,8 +88,10 @@ class DecoderLayer:
     def attend(
         self, qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, kv: torch.Tensor, attn: AttentionMetadata
     ) -> torch.Tensor:
-        """Rotary, KV write and paged attention of the projected qkv [T, q + 2 kv]; [T, q_size]."""
+        """Rotary, KV write and paged attention of the projected qkv [T, q + 2 kv]; [T, q_size].
+        The cache's dtype says whether it is quantized (then the layer's scales go with it)."""
         s, ops = self.shape, self.ops
+        scales = self.kv_scales if kv.dtype == FP8_KV_DTYPE else {}
         q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         q = q.reshape(-1, s.num_heads, s.head_size)
         k = k.reshape(-1, s.num_kv_heads, s.head_size)
@@ -96,13 +100,13 @@ class DecoderLayer:
             q = rms_norm(q, self.q_norm, s.norm_eps)
             k = rms_norm(k, self.k_norm, s.norm_eps)
         if self.rotary_and_write_kv is not None:  # one launch instead of two
-            q = self.rotary_and_write_kv(q, k, v, positions, cos_sin, kv[0], kv[1], attn.slot_mapping)
+            q = self.rotary_and_write_kv(q, k, v, positions, cos_sin, kv[0], kv[1], attn.slot_mapping, **scales)
         else:
             q, k = ops.apply_rotary(q, k, positions, cos_sin)
-            ops.write_kv_cache(k, v, kv[0], kv[1], attn.slot_mapping)
+            ops.write_kv_cache(k, v, kv[0], kv[1], attn.slot_mapping, **scales)
         out = ops.paged_attention(
             q, kv[0], kv[1], attn.block_tables, attn.query_start_loc, attn.seq_lens,
-            self.scale, attn.max_query_len, attn.max_seq_len,
+            self.scale, attn.max_query_len, attn.max_seq_len, **scales,
         )
         return out.reshape(-1, self.q_size)
 
@@ -279,6 +283,7 @@ class _WeightLoader:
             # mlp.fc is the activated (gate) branch, mlp.gate the up branch: [fc; gate] makes
             # one GEMM whose halves feed silu_and_mul directly.
             "gate_up": self.method.concat([self.linear(prefix + "mlp.fc"), self.linear(prefix + "mlp.gate")]),
+            "kv_scales": layer_kv_scales(self.tensors, index, self.ctx.quantization),  # float32, never cast
         }
         bias = self.optional(prefix + "attention.qkv.bias")
         if bias is not None:

@@ -27,6 +27,7 @@ import torch
 from kiln.runtime.attention import AttentionMetadata, select_kernels
 from kiln.runtime.config import EngineConfig
 from kiln.runtime.cuda_graphs import DecodeGraphs, graph_batch_sizes, graph_memory_estimate
+from kiln.runtime.fp8_kv import resolve_kv_cache_dtype
 from kiln.runtime.input_batch import InputBatch, ModelInputs, SamplingBatch
 from kiln.runtime.kv_cache import KVCache, KVCacheSpec, cpu_num_blocks, explicit_num_blocks, gpu_num_blocks
 from kiln.runtime.model import LlamaFamilyModel
@@ -80,7 +81,8 @@ class ModelRunner:
         self.sampler = Sampler()
         spec = KVCacheSpec(
             num_layers=int(mc.num_hidden_layers), block_size=self.block_size,
-            num_kv_heads=mc.num_kv_heads_per_rank, head_size=int(mc.head_size), dtype=self.dtype,
+            num_kv_heads=mc.num_kv_heads_per_rank, head_size=int(mc.head_size),
+            dtype=resolve_kv_cache_dtype(engine_config.kv_cache_dtype, mc, self.dtype, self.device),
         )
         # Every rank sizes its own cache; all use the smallest block count, so one block id
         # means the same slots everywhere.
@@ -108,6 +110,11 @@ class ModelRunner:
     @property
     def is_shut_down(self) -> bool:
         return self.model is None
+
+    @property
+    def num_batch_slots_used(self) -> int:
+        """Batch rows held by requests (a finished one keeps its row until the next launch)."""
+        return 0 if self.input_batch is None else len(self.input_batch.requests)
 
     def shutdown(self) -> None:
         """Release the model weights, KV cache, CUDA graphs and batch buffers now; idempotent.

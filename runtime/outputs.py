@@ -126,6 +126,10 @@ class EngineStats:
     prompt_tokens: int
     generation_tokens: int
     num_failed_steps: int = 0
+    kv_cache_tokens: int = 0  # the KV cache's capacity in tokens
+    # Runner batch rows held. A request keeps its row until the step after it finished, so
+    # an idle engine may still hold the rows of the requests that finished last.
+    num_batch_slots_used: int = 0
 
 
 def merge_completions(earlier: CompletionOutput, later: CompletionOutput) -> CompletionOutput:

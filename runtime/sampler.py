@@ -20,6 +20,7 @@ from kiln.scheduler.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 _NEG_INF = float("-inf")
+_INT32_MAX = 2**31 - 1
 
 
 @dataclass
@@ -67,7 +68,7 @@ class SamplingMetadata:
         device: torch.device | str,
     ) -> SamplingMetadata:
         """Turn one step's per-request settings into batch tensors (one copy per tensor)."""
-        rows = SamplingRows(len(params))
+        rows = SamplingRows(len(params), vocab_size)
         for i, p in enumerate(params):
             rows.set(i, p)
         return rows.metadata(np.arange(len(params)), generators, prompt_ids, output_ids, vocab_size, device)
@@ -78,7 +79,8 @@ class SamplingRows:
     instead of rebuilding them from SamplingParams objects.
 
     Invariants: row r holds the settings last ``set`` for it, already normalised the way
-    SamplingMetadata wants them (greedy rows: temperature 0, top_k 0, top_p 1, min_p 0);
+    SamplingMetadata wants them (greedy rows: temperature 0, top_k 0, top_p 1, min_p 0; a
+    top_k of at least the vocabulary, or beyond int32 when it is unknown, is stored as 0: off);
     ``logprobs[r]`` is -1 when the row asked for none; ``min_tokens[r]`` is 0 unless the row
     has ids to ban (``stop_ids[r]``: its EOS unless ignore_eos, and its stop_token_ids, all
     inside the vocabulary) while it has fewer than that many outputs.
@@ -99,7 +101,9 @@ class SamplingRows:
         self.floats[:, row] = (0.0 if greedy else p.temperature, 1.0 if greedy else p.top_p,
                                0.0 if greedy else p.min_p, p.repetition_penalty, p.presence_penalty,
                                p.frequency_penalty)
-        self.top_k[row] = 0 if greedy or p.top_k <= 0 else p.top_k
+        # A top_k as wide as the vocabulary keeps every token: off (and it fits the int32 row).
+        wide = p.top_k >= (self.vocab_size or _INT32_MAX)
+        self.top_k[row] = 0 if greedy or p.top_k <= 0 or wide else p.top_k
         self.greedy[row] = greedy
         self.penalties[row] = p.needs_penalties
         self.logprobs[row] = -1 if p.logprobs is None else p.logprobs

@@ -9,6 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Integers reach int64 tensors (token ids, counts) and torch.Generator seeds: bound them there.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _is_int(value: object) -> bool:
+    """A real integer: JSON ``true`` arrives as a bool, which Python counts as an int."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
 
 class SamplingParamsError(ValueError):
     """A bad sampling setting. ``param`` names the offending field (OpenAI error `param`)."""
@@ -62,23 +70,26 @@ class SamplingParams:
         return self.temperature == 0.0 or self.top_k == 1
 
     def validate(self) -> None:
+        """Check every field; integers must be ints (not bools) that fit int64, as the
+        tensors and generators they end up in do; a seeded n > 1 also seeds seed + n - 1."""
         def bad(param: str, message: str) -> None:
             raise SamplingParamsError(param, message)
 
-        if not isinstance(self.n, int) or self.n < 1:
-            bad("n", f"n must be an integer >= 1, got {self.n!r}")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            bad("max_tokens", f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            bad("min_tokens", f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        def check_int(param: str, value: object, low: int, what: str) -> None:
+            if not _is_int(value) or not low <= value <= INT64_MAX:
+                bad(param, f"{param} must be an integer {what}, got {value!r}")
+
+        check_int("n", self.n, 1, ">= 1")
+        if self.max_tokens is not None:
+            check_int("max_tokens", self.max_tokens, 1, f"in [1, {INT64_MAX}]")
+        check_int("min_tokens", self.min_tokens, 0, f"in [0, {INT64_MAX}]")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             bad("min_tokens", f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if not 0.0 <= self.temperature <= 2.0:
             bad("temperature", f"temperature must be in [0, 2], got {self.temperature!r}")
         if not 0.0 < self.top_p <= 1.0:
             bad("top_p", f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
-            bad("top_k", f"top_k must be -1, 0 (disabled) or a positive integer, got {self.top_k!r}")
+        check_int("top_k", self.top_k, -1, f"-1, 0 (disabled) or in [1, {INT64_MAX}]")
         if not 0.0 <= self.min_p <= 1.0:
             bad("min_p", f"min_p must be in [0, 1], got {self.min_p!r}")
         if not 0.0 < self.repetition_penalty <= 10.0:
@@ -87,9 +98,11 @@ class SamplingParams:
             bad("presence_penalty", f"presence_penalty must be in [-2, 2], got {self.presence_penalty!r}")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             bad("frequency_penalty", f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            bad("seed", f"seed must be an integer, got {self.seed!r}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= self.MAX_LOGPROBS:
+        if self.seed is not None:
+            if not _is_int(self.seed) or not INT64_MIN <= self.seed <= INT64_MAX - (self.n - 1):
+                bad("seed", f"seed must be an integer in [{INT64_MIN}, {INT64_MAX}] (with n > 1, seed + n - 1 "
+                            f"must be too), got {self.seed!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= self.MAX_LOGPROBS):
             bad("logprobs", f"top_logprobs must be in [0, {self.MAX_LOGPROBS}], got {self.logprobs!r}")
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= self.MAX_LOGPROBS:
             bad("prompt_logprobs", f"prompt_logprobs must be in [0, {self.MAX_LOGPROBS}], got {self.prompt_logprobs!r}")
@@ -97,7 +110,7 @@ class SamplingParams:
             bad("stop", "stop must be a non-empty string or a list of non-empty strings")
         if len(self.stop) > 16:
             bad("stop", "at most 16 stop strings are supported")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+        if any(not _is_int(t) or not 0 <= t <= INT64_MAX for t in self.stop_token_ids):
             bad("stop_token_ids", "stop_token_ids must be non-negative integers")
 
     @property

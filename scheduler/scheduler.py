@@ -94,6 +94,40 @@ class _StepPlan:
             request.num_pending_tokens -= 1
 
 
+def check_fits(cfg: SchedulerConfig, request: Request) -> None:
+    """Raise RequestRejected if ``request`` could never run under ``cfg``; resolves
+    ``max_tokens=None`` to the room left (the request then always runs to its limit)."""
+    num_prompt = request.num_prompt_tokens
+    if num_prompt == 0:
+        raise RequestRejected("the prompt is empty: at least one prompt token is needed")
+    if num_prompt >= cfg.max_model_len:
+        raise RequestRejected(
+            f"the prompt has {num_prompt} tokens; max_model_len ({cfg.max_model_len}) "
+            "leaves no room for an output token"
+        )
+    params = request.sampling_params
+    if params.max_tokens is None:
+        room = min(cfg.max_model_len, cfg.kv_cache_capacity) - num_prompt
+        if 1 <= room and params.min_tokens <= room:
+            request.sampling_params = replace(params, max_tokens=room)  # never mutate a shared one
+        else:
+            raise RequestRejected(
+                f"the prompt ({num_prompt} tokens) + min_tokens ({params.min_tokens}) leaves no room "
+                f"in the KV cache ({cfg.kv_cache_capacity} tokens)"
+            )
+    total = num_prompt + request.max_tokens
+    if total > cfg.max_model_len:
+        raise RequestRejected(
+            f"prompt ({num_prompt} tokens) + max_tokens ({request.max_tokens}) = {total} "
+            f"exceeds max_model_len ({cfg.max_model_len})"
+        )
+    if cdiv(total, cfg.block_size) > cfg.num_blocks:
+        raise RequestRejected(
+            f"prompt + max_tokens = {total} tokens exceeds the KV cache capacity "
+            f"({cfg.kv_cache_capacity} tokens = {cfg.num_blocks} blocks of {cfg.block_size})"
+        )
+
+
 class Scheduler:
     """Decides, each step, which requests run how many tokens, and owns their KV blocks.
 
@@ -133,42 +167,10 @@ class Scheduler:
         rid = request.request_id
         if rid in self._requests:
             raise RequestRejected(f"request id {rid!r} is already in use")
-        self._check_fits(request)
+        check_fits(self.config, request)
         request.status = RequestStatus.WAITING
         self._requests[rid] = request
         self._waiting.push(request)
-
-    def _check_fits(self, request: Request) -> None:
-        cfg = self.config
-        num_prompt = request.num_prompt_tokens
-        if num_prompt == 0:
-            raise RequestRejected("the prompt is empty: at least one prompt token is needed")
-        if num_prompt >= cfg.max_model_len:
-            raise RequestRejected(
-                f"the prompt has {num_prompt} tokens; max_model_len ({cfg.max_model_len}) "
-                "leaves no room for an output token"
-            )
-        params = request.sampling_params
-        if params.max_tokens is None:
-            room = min(cfg.max_model_len, cfg.kv_cache_capacity) - num_prompt
-            if 1 <= room and params.min_tokens <= room:
-                request.sampling_params = replace(params, max_tokens=room)  # never mutate a shared one
-            else:
-                raise RequestRejected(
-                    f"the prompt ({num_prompt} tokens) + min_tokens ({params.min_tokens}) leaves no room "
-                    f"in the KV cache ({cfg.kv_cache_capacity} tokens)"
-                )
-        total = num_prompt + request.max_tokens
-        if total > cfg.max_model_len:
-            raise RequestRejected(
-                f"prompt ({num_prompt} tokens) + max_tokens ({request.max_tokens}) = {total} "
-                f"exceeds max_model_len ({cfg.max_model_len})"
-            )
-        if cdiv(total, cfg.block_size) > cfg.num_blocks:
-            raise RequestRejected(
-                f"prompt + max_tokens = {total} tokens exceeds the KV cache capacity "
-                f"({cfg.kv_cache_capacity} tokens = {cfg.num_blocks} blocks of {cfg.block_size})"
-            )
 
     def abort_request(self, request_id: str) -> bool:
         """Drop a request now (its blocks are freed at once). False if it is unknown."""

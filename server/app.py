@@ -19,7 +19,9 @@ from kiln.server.config import ServerConfig
 from kiln.server.errors import APIError, bad_request, install_error_handlers
 from kiln.server.metrics import ServerMetrics
 from kiln.server.playground import add_playground
-from kiln.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from kiln.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, RequestLimits,
+                                  TokenizeRequest, check_template_kwargs, conversation, messages_size)
+from kiln.server.request_guard import RequestGuard
 from kiln.server.sampling_defaults import sampling_defaults
 from kiln.server.serving import ServingContext
 from kiln.server.serving_chat import ChatServing
@@ -93,8 +95,9 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
     async_engine = AsyncEngine(engine, max_queue=config.max_queue)
     metrics = ServerMetrics(lambda: async_engine.stats, model_name)
     async_engine.metrics = metrics
-    ctx = ServingContext(async_engine, engine.tokenizer, engine.max_model_len, model_name,
-                         engine.model_config.vocab_size,
+    vocab_size = engine.model_config.vocab_size
+    ctx = ServingContext(async_engine, engine.tokenizer, engine.max_model_len, model_name, vocab_size,
+                         limits=RequestLimits(config.max_n, config.max_prompts, vocab_size),
                          sampling_defaults=sampling_defaults(config.engine.engine_dir))
 
     @asynccontextmanager
@@ -104,7 +107,7 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
             yield
         finally:
             async_engine.shutdown()
-            ctx.tokenizer_pool.shutdown(wait=False)
+            ctx.tokenizers.shutdown()
 
     app = FastAPI(title="Kiln", version=_version(), lifespan=lifespan)
     in_flight = InFlight()
@@ -113,7 +116,8 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
     _add_routes(app, ctx, metrics, _auth_dependency(config.api_key))
     if config.playground:
         add_playground(app, ctx.sampling_defaults)
-    app.add_middleware(AccessLog, in_flight=in_flight)
+    app.add_middleware(RequestGuard, max_body_bytes=config.max_request_bytes)
+    app.add_middleware(AccessLog, in_flight=in_flight)  # outermost: it logs the guard's answers too
     return app
 
 
@@ -136,7 +140,8 @@ def _add_routes(app: FastAPI, ctx: ServingContext, metrics: ServerMetrics, auth:
 
     @app.get("/health")
     async def health() -> Response:
-        return Response(status_code=200 if ctx.engine.is_alive else 503)
+        # 503 while draining too, so a load balancer stops routing here at once.
+        return Response(status_code=200 if ctx.engine.is_alive and ctx.accepting else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -152,12 +157,13 @@ def _add_routes(app: FastAPI, ctx: ServingContext, metrics: ServerMetrics, auth:
         if (body.prompt is None) == (body.messages is None):
             raise bad_request("Send exactly one of 'prompt' or 'messages'.", "prompt")
         if body.messages is not None:
-            conv = ChatCompletionRequest(messages=body.messages).conversation()
-            ids = await chat.in_tokenizer_thread(chat.render_prompt, conv, body.add_generation_prompt,
-                                                 body.chat_template_kwargs)
+            check_template_kwargs(body.chat_template_kwargs)
+            ids = await chat.in_tokenizer_thread(messages_size(body.messages), chat.render_prompt,
+                                                 conversation(body.messages), body.add_generation_prompt,
+                                                 body.chat_template_kwargs, False)
         else:
             ids = await chat.in_tokenizer_thread(
-                lambda: list(ctx.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)))
+                len(body.prompt), lambda tok: list(tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)))
         return JSONResponse({"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids})
 
     @app.post("/detokenize", dependencies=[auth])
@@ -166,7 +172,7 @@ def _add_routes(app: FastAPI, ctx: ServingContext, metrics: ServerMetrics, auth:
         bad = [t for t in body.tokens if not 0 <= t < ctx.vocab_size]
         if bad:
             raise bad_request(f"Token id {bad[0]} is outside the vocabulary [0, {ctx.vocab_size}).", "tokens")
-        text = await chat.in_tokenizer_thread(lambda: ctx.tokenizer.decode(body.tokens))
+        text = await chat.in_tokenizer_thread(len(body.tokens), lambda tok: tok.decode(body.tokens))
         return JSONResponse({"prompt": text})
 
 

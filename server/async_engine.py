@@ -29,7 +29,15 @@ class EngineDeadError(RuntimeError):
 
 
 class QueueFullError(RuntimeError):
-    """The waiting queue holds --max-queue requests already."""
+    """The waiting queue has no room for the request's sequences now (--max-queue)."""
+
+
+class TooManySequencesError(ValueError):
+    """The request has more sequences (prompts x n) than the waiting queue can ever hold."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class EngineStepError(RuntimeError):
@@ -107,13 +115,18 @@ class _Submission:
     loop: asyncio.AbstractEventLoop
     ack: asyncio.Future = field(repr=False)
 
+    @property
+    def num_sequences(self) -> int:
+        return sum(r.sampling_params.n for r in self.requests)
+
 
 class AsyncEngine:
     """Runs ``engine.step()`` in a dedicated thread and routes outputs to asyncio streams.
 
     Invariants: only the engine thread calls the engine's mutating methods; ``_routes`` maps
     every live engine request id to its stream and is touched by the engine thread only;
-    a request leaves ``_routes`` when it finishes, is aborted or fails.
+    a request leaves ``_routes`` when it finishes, is aborted or fails. ``max_queue`` counts
+    sequences (each prompt's n choices), waiting in the engine or in the inbox.
     """
 
     def __init__(self, engine: Any, max_queue: int | None = None, metrics: Any = None) -> None:
@@ -126,7 +139,7 @@ class AsyncEngine:
         self._routes: dict[str, GenerationStream] = {}
         self._loops: dict[str, asyncio.AbstractEventLoop] = {}
         self._pending_lock = threading.Lock()
-        self._pending_adds = 0
+        self._pending_seqs = 0  # sequences of the submissions still in the inbox
         self._thread: threading.Thread | None = None
         self._dead = False
         self._closed = False  # set under _pending_lock when the engine thread exits: no add gets in after
@@ -143,25 +156,26 @@ class AsyncEngine:
 
     @property
     def num_waiting(self) -> int:
-        return self.stats.num_waiting + self._pending_adds
+        """Sequences waiting: in the engine's queue (as of its last step) and in the inbox."""
+        return self.stats.num_waiting + self._pending_seqs
 
     async def generate(self, requests: list[EngineRequest]) -> GenerationStream:
         """Hand ``requests`` to the engine; returns once the engine accepted them all.
 
         Raises the engine's ValueError when it rejects one (none of them then runs),
-        QueueFullError when the waiting queue is full, EngineDeadError when the loop is gone.
+        TooManySequencesError when they could never fit the waiting queue, QueueFullError
+        when it has no room for them now, EngineDeadError when the loop is gone.
         """
         if not self.is_alive:
             raise EngineDeadError("The engine loop has stopped.")
-        if self.max_queue is not None and self.num_waiting >= self.max_queue:
-            raise QueueFullError(f"The server's waiting queue is full ({self.max_queue} requests).")
         loop = asyncio.get_running_loop()
         stream = GenerationStream([r.request_id for r in requests])
         sub = _Submission(stream, requests, loop, loop.create_future())
+        self._check_queue_room(sub)
         with self._pending_lock:  # with _closed: an add is either taken by the thread or rejected
             if self._closed:
                 raise EngineDeadError("The engine loop has stopped.")
-            self._pending_adds += 1
+            self._pending_seqs += sub.num_sequences
             self._inbox.put(("add", sub))
         self._wake.set()
         try:
@@ -170,6 +184,18 @@ class AsyncEngine:
             self.abort(stream)  # queued after the add, so the engine drops what it added
             raise
         return stream
+
+    def _check_queue_room(self, sub: _Submission) -> None:
+        if self.max_queue is None:
+            return
+        num = sub.num_sequences
+        if num > self.max_queue:
+            param = "n" if any(r.sampling_params.n > 1 for r in sub.requests) else "prompt"
+            raise TooManySequencesError(
+                f"This request asks for {num} sequences ({len(sub.requests)} prompt(s) x n), more than the "
+                f"server's waiting queue holds ({self.max_queue}); send fewer prompts or a smaller n.", param)
+        if self.num_waiting + num > self.max_queue:
+            raise QueueFullError(f"The server's waiting queue is full ({self.max_queue} sequences).")
 
     def abort(self, stream: GenerationStream) -> None:
         """Abort the stream's unfinished engine requests (a no-op once all have finished)."""
@@ -198,14 +224,18 @@ class AsyncEngine:
 
     # ----- engine-thread side -----
     def _run(self) -> None:
+        check_alive = getattr(self.engine, "check_alive", lambda: None)
         try:
             while not self._stop.is_set():
+                check_alive()  # a dead engine process / tensor-parallel worker ends the loop, even when idle
                 self._wake.clear()
                 if self._drain_inbox():
                     self.stats = self.engine.get_stats()  # aborts change running/KV at once
                 if not self.engine.has_unfinished_requests():
                     # Anything put in the inbox after clear() sets _wake, so this cannot miss it.
                     self._wake.wait(0.5)
+                    # An engine process reports the effect of aborts a moment later: refresh.
+                    self.stats = self.engine.get_stats()
                     continue
                 self._step()
         except BaseException:  # the loop is gone: fail everyone, report unhealthy
@@ -227,7 +257,7 @@ class AsyncEngine:
                 return
             if kind == "add":
                 with self._pending_lock:
-                    self._pending_adds -= 1
+                    self._pending_seqs -= payload.num_sequences
                 if not payload.loop.is_closed():
                     error = EngineDeadError("The engine loop has stopped.")
                     payload.loop.call_soon_threadsafe(_resolve, payload.ack, error)
@@ -246,7 +276,8 @@ class AsyncEngine:
             elif kind == "abort":
                 self._abort_ids(payload)
             else:
-                self._fail_all(EngineDeadError("The server shut down before this request finished."))
+                self._fail_all(EngineDeadError(
+                    "The server is shutting down: this request was cut when the drain timed out."))
 
     def _add(self, sub: _Submission) -> None:
         added: list[str] = []
@@ -266,7 +297,7 @@ class AsyncEngine:
                 self._forget(rid)
         finally:
             with self._pending_lock:
-                self._pending_adds -= 1
+                self._pending_seqs -= sub.num_sequences
         sub.loop.call_soon_threadsafe(_resolve, sub.ack, error)
 
     def _abort_ids(self, ids: list[str]) -> None:

@@ -10,6 +10,11 @@ random token ids of exactly --isl tokens (completions; no client tokenizer neede
 TTFT, TPOT and ITL mean / p50 / p99. ``--offline ENGINE_DIR`` also runs the same prompts
 through ``kiln.runtime.LLM.generate`` in batches of --concurrency, alternating with the HTTP
 rounds (--repeat), and reports the HTTP layer's cost in throughput.
+
+One Python process driving hundreds of streams can itself be the limit (parsing every SSE
+chunk costs CPU). ``--processes P`` spreads the requests and the concurrency over P client
+processes that start together; their results are merged. ``client_cpu_cores`` (client CPU
+seconds over the wall time) says how busy the load generator was: near P, it was the limit.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import random
+import resource
 import statistics
 import sys
 import time
@@ -124,6 +131,46 @@ async def run_load(args: argparse.Namespace, prompts: list[Any]) -> tuple[list[R
         return list(results), time.perf_counter() - start
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _client_process(args: argparse.Namespace, prompts: list[Any], start_at: float
+                    ) -> tuple[list[RequestResult], float, float, float]:
+    """One client process's share: wait for the common start, run it; (results, wall-clock
+    start, wall-clock end, CPU seconds used)."""
+    time.sleep(max(0.0, start_at - time.time()))
+    cpu = _cpu_seconds()
+    start = time.time()
+    results, _ = asyncio.run(run_load(args, prompts))
+    return results, start, time.time(), _cpu_seconds() - cpu
+
+
+def run_load_processes(args: argparse.Namespace, prompts: list[Any]) -> tuple[list[RequestResult], float, float]:
+    """The load from ``args.processes`` client processes (prompts and concurrency split between
+    them, all starting together): (merged results, wall time, client CPU seconds)."""
+    n = min(args.processes, len(prompts), args.concurrency)
+    if n <= 1:
+        cpu = _cpu_seconds()
+        results, duration = asyncio.run(run_load(args, prompts))
+        return results, duration, _cpu_seconds() - cpu
+    shares = []
+    for i in range(n):
+        share = argparse.Namespace(**vars(args))
+        share.concurrency = args.concurrency // n + (i < args.concurrency % n)
+        share.request_rate = args.request_rate / n  # Poisson streams add up to the asked rate
+        share.seed = args.seed + 7919 * i
+        shares.append((share, prompts[i::n]))
+    ctx = multiprocessing.get_context("spawn")
+    start_at = time.time() + 2.0  # the processes import and connect first, then start together
+    with ctx.Pool(n) as pool:
+        parts = pool.starmap(_client_process, [(share, part, start_at) for share, part in shares])
+    results = [r for part in parts for r in part[0]]
+    duration = max(p[2] for p in parts) - min(p[1] for p in parts)
+    return results, duration, sum(p[3] for p in parts)
+
+
 def _pct(values: list[float], q: float) -> float:
     if not values:
         return 0.0
@@ -185,8 +232,10 @@ def measure(args: argparse.Namespace, prompts: list[Any]) -> tuple[dict[str, flo
             offline.run(prompts[: args.concurrency])
     served, offline_runs, errors = [], [], []
     for _ in range(args.repeat):
-        results, duration = asyncio.run(run_load(args, prompts))
+        results, duration, client_cpu = run_load_processes(args, prompts)
         served.append(summarize(results, duration))
+        served[-1].update(client_processes=min(args.processes, len(prompts), args.concurrency),
+                          client_cpu_s=client_cpu, client_cpu_cores=client_cpu / duration)
         errors += [r.error for r in results if not r.ok]
         if offline is not None:
             offline_runs.append(offline.run(prompts))
@@ -212,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-requests", "-n", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=32, help="max requests in flight")
     p.add_argument("--request-rate", type=float, default=0.0, help="Poisson arrivals per second (0 = all at once)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="client processes sharing the requests and the concurrency (a single Python client "
+                        "can be the bottleneck at hundreds of streams; see client_cpu_cores)")
     p.add_argument("--isl", type=int, default=128, help="synthetic prompt length in tokens")
     p.add_argument("--osl", type=int, default=64, help="max_tokens per request")
     p.add_argument("--prompt", default=None, help="use this text as every prompt instead of synthetic ones")
@@ -233,8 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if min(args.num_requests, args.concurrency, args.isl, args.osl, args.repeat) < 1:
-        print("bench-llm serve: error: --num-requests, --concurrency, --isl, --osl and --repeat must be >= 1",
+    if min(args.num_requests, args.concurrency, args.isl, args.osl, args.repeat, args.processes) < 1:
+        print("bench-llm serve: error: --num-requests, --concurrency, --isl, --osl, --repeat and --processes "
+              "must be >= 1",
               file=sys.stderr)
         return 2
     if args.offline and args.endpoint == "chat":

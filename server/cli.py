@@ -3,8 +3,10 @@
     serve-llm engines/smollm2-135m --port 8000 --api-key sk-local
     serve-llm smollm2-135m              # or a Hugging Face model directory: built once, cached
 
-SIGTERM / Ctrl-C drains: new requests get 503, requests in flight finish (at most
---shutdown-timeout seconds), then the process exits 0. A second signal exits at once.
+SIGTERM / Ctrl-C drains: /health and new requests get 503, requests in flight finish (at
+most --shutdown-timeout seconds; streams still running then get an error saying the server is
+shutting down), then the process exits 0. A second signal during the drain exits at once with
+status 128 + the signal number, logging how many requests it cut.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
+import threading
 from types import FrameType
 from typing import Any
 
@@ -59,8 +63,13 @@ def _make_parser() -> tuple[argparse.ArgumentParser, tuple[str, ...]]:
     s.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize "
                                      f"(or set {API_KEY_ENV}); /health and /metrics stay open")
     s.add_argument("--served-model-name", help="model id clients send (default: the engine directory's name)")
-    s.add_argument("--max-queue", type=int, help="max waiting requests; beyond it requests get 503 + Retry-After "
-                                                 "(default: unbounded)")
+    s.add_argument("--max-queue", type=int, help="max waiting sequences (a request counts its prompts x n); beyond "
+                                                 "it requests get 503 + Retry-After, and one that could never fit "
+                                                 "a 400 (default: unbounded)")
+    s.add_argument("--max-n", type=int, help="largest n (choices per prompt) a request may ask for (default 16384)")
+    s.add_argument("--max-prompts", type=int, help="most prompts in one /v1/completions request (default 1024)")
+    s.add_argument("--max-request-bytes", type=int,
+                   help="largest request body; larger ones get 413 before being read (default 8388608 = 8 MiB)")
     s.add_argument("--shutdown-timeout", type=float,
                    help="seconds to let in-flight requests finish after SIGTERM (default 30)")
     s.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"],
@@ -74,6 +83,9 @@ def _make_parser() -> tuple[argparse.ArgumentParser, tuple[str, ...]]:
     e.add_argument("--block-size", type=int, help="tokens per KV block (default 32)")
     e.add_argument("--kv-cache-fraction", type=float, help="fraction of free GPU memory for the KV cache (default 0.9)")
     e.add_argument("--num-kv-cache-tokens", type=int, help="KV cache size in tokens (overrides the fraction)")
+    e.add_argument("--kv-cache-dtype", choices=["auto", "model", "fp8"],
+                   help="auto: FP8 when the engine has KV scales, else the model dtype (default); model: "
+                        "the model dtype; fp8: FP8 even without scales (scale 1.0)")
     e.add_argument("--capacity-policy", choices=["guaranteed_no_evict", "max_utilization"],
                    help="guaranteed_no_evict reserves KV for prompt + max_tokens; max_utilization packs and preempts")
     e.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action=_YesNo, value=False,
@@ -82,6 +94,9 @@ def _make_parser() -> tuple[argparse.ArgumentParser, tuple[str, ...]]:
     e.add_argument("--enforce-eager", action=_YesNo, value=True, help="no CUDA graphs / compilation")
     e.add_argument("--attention-backend", choices=["auto", "triton", "torch"], help="default auto")
     e.add_argument("--seed", type=int, help="engine seed for unseeded sampling (default 0)")
+    e.add_argument("--no-engine-process", dest="engine_process", action=_YesNo, value=False,
+                   help="run the engine in a thread of the server's process (default: its own process, "
+                        "so the HTTP event loop and the engine never share a GIL)")
     e.add_argument("--devices", metavar="0,1",
                    help="GPU of each tensor-parallel rank (default 0..tp-1, within CUDA_VISIBLE_DEVICES); "
                         "the engine's tp comes from the engine directory")
@@ -128,17 +143,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load_engine(config: ServerConfig) -> Any:
-    from kiln.runtime.engine import LLMEngine
+    """The engine in its own process (default: the HTTP process's GIL then serves the streams
+    only), or in this one (--no-engine-process)."""
+    if config.engine_process:
+        from kiln.server.engine_process import EngineProcess
 
-    engine = LLMEngine(config.engine)
-    runner = getattr(engine, "runner", None)
-    logger.info("Engine loaded from %s: %s, tp %d, max_model_len %d, %s KV blocks of %s tokens",
+        engine = EngineProcess(config.engine)
+    else:
+        from kiln.runtime.engine import LLMEngine
+
+        engine = LLMEngine(config.engine)
+    stats = engine.get_stats()
+    logger.info("Engine loaded from %s: %s, tp %d, max_model_len %d, KV cache %d tokens (%s)",
                 config.engine.engine_dir, engine.model_config.architecture, engine.model_config.tp_size,
-                engine.max_model_len, getattr(runner, "num_blocks", "?"), getattr(runner, "block_size", "?"))
+                engine.max_model_len, stats.kv_cache_tokens,
+                "own process" if config.engine_process else "in the server's process")
     return engine
 
 
 _GIL_SWITCH_INTERVAL_S = 0.001
+_FORCED_EXIT_GRACE_S = 3.0
 
 
 def serve(app: Any, config: ServerConfig, sock: socket.socket | None = None) -> int:
@@ -160,7 +184,7 @@ def serve(app: Any, config: ServerConfig, sock: socket.socket | None = None) -> 
                 "on" if config.api_key else "off", f"; playground http://{config.host}:{port}/"
                 if config.playground else "")
     asyncio.run(server.serve(sockets=[sock] if sock is not None else None))
-    return 0
+    return server.exit_code
 
 
 def _uvicorn_server_base() -> type:
@@ -183,19 +207,35 @@ class DrainingServer(_uvicorn_server_base()):  # type: ignore[misc]
         self._shutdown_timeout = shutdown_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
+        self.exit_code = 0
 
     async def serve(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._draining or self._loop is None:  # second signal, or not started: exit now
+        if self._draining:
+            self._exit_now(sig)
+            return
+        if self._loop is None:  # not started yet: stop
             self.should_exit = True
             self.force_exit = sig == signal.SIGINT
             return
         self._draining = True
         logger.info("Received %s: draining", signal.Signals(sig).name)
         self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _exit_now(self, sig: int) -> None:
+        """A second signal during the drain: stop serving at once, cutting what is in flight."""
+        cut = self._app.state.in_flight.count
+        self.exit_code = 128 + sig
+        logger.warning("Received %s again during the drain: exiting now (status %d), cutting %d request(s) "
+                       "in flight", signal.Signals(sig).name, self.exit_code, cut)
+        self.should_exit = self.force_exit = True
+        # uvicorn's forced shutdown still waits for its listeners to close; never longer than this.
+        watchdog = threading.Timer(_FORCED_EXIT_GRACE_S, os._exit, (self.exit_code,))
+        watchdog.daemon = True
+        watchdog.start()
 
     def _start_drain(self) -> None:
         self._drain_task = asyncio.ensure_future(self._drain())

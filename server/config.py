@@ -19,7 +19,7 @@ API_KEY_ENV = "KILN_API_KEY"
 # EngineConfig fields the server exposes as flags / YAML keys.
 ENGINE_OPTIONS = (
     "device", "max_num_tokens", "max_batch_size", "block_size", "kv_cache_fraction",
-    "num_kv_cache_tokens", "capacity_policy", "enable_prefix_caching", "max_model_len",
+    "num_kv_cache_tokens", "kv_cache_dtype", "capacity_policy", "enable_prefix_caching", "max_model_len",
     "enforce_eager", "attention_backend", "seed", "devices",
 )
 
@@ -32,7 +32,8 @@ class ServerConfigError(ValueError):
 class ServerConfig:
     """Everything ``serve-llm`` needs. ``engine`` holds the runtime's own frozen config.
 
-    Invariants: port in [0, 65535] (0 = any free port); max_queue None or >= 1;
+    Invariants: port in [0, 65535] (0 = any free port); max_queue None or >= 1 (it counts
+    sequences: a request's prompts times its n); max_n, max_prompts, max_request_bytes >= 1;
     shutdown_timeout >= 0; ``api_key`` None means no authentication.
     """
 
@@ -42,8 +43,12 @@ class ServerConfig:
     api_key: str | None = field(default=None, repr=False)
     served_model_name: str | None = None
     max_queue: int | None = None
+    max_n: int = 16384  # vLLM's default cap (VLLM_MAX_N_SEQUENCES)
+    max_prompts: int = 1024  # prompts in one completions request (vLLM's VLLM_MAX_COMPLETION_PROMPTS)
+    max_request_bytes: int = 8 * 2**20
     shutdown_timeout: float = 30.0
     log_level: str = "info"
+    engine_process: bool = True  # the engine in its own process (server/engine_process.py)
     playground: bool = True  # GET / serves the browser playground (server/static/)
     # build_engine keyword arguments (--tp, --dtype, ...) for when engine_dir names a model to
     # build into the engine cache rather than an engine (engine_builder/engine_cache.py).
@@ -54,6 +59,10 @@ class ServerConfig:
             raise ServerConfigError(f"port must be in [0, 65535], got {self.port!r}")
         if self.max_queue is not None and (not isinstance(self.max_queue, int) or self.max_queue < 1):
             raise ServerConfigError(f"max_queue must be a positive integer, got {self.max_queue!r}")
+        for name in ("max_n", "max_prompts", "max_request_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ServerConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.shutdown_timeout < 0:
             raise ServerConfigError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout!r}")
         if self.log_level.lower() not in ("critical", "error", "warning", "info", "debug"):

@@ -22,6 +22,7 @@ _ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
+    413: "invalid_request_error",
     500: "internal_server_error",
     503: "service_unavailable",
 }
@@ -68,6 +69,24 @@ def internal_error() -> APIError:
     return APIError(500, "The server failed to generate this response; see the server log.")
 
 
+# Parts of a pydantic error location that name a union member or a type, not a field.
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "bytes", "none", "dict", "list"})
+
+
+def _field_path(loc: list[Any]) -> str:
+    """``messages[0].content`` from ("messages", 0, "content", "str", ...): the fields up to the
+    first union-member label (a type name, or one with brackets such as "list[int]")."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part.isidentifier() and part not in _TYPE_NAMES and not part[0].isupper():
+            path += f".{part}" if path else part
+        else:
+            break
+    return path
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """One line naming the first bad field, from pydantic's error list."""
     errors = exc.errors()
@@ -76,15 +95,17 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = errors[0]
     if first.get("type") == "json_invalid":
         return f"Malformed JSON body: {first.get('ctx', {}).get('error', 'cannot parse')}", None
+    if first.get("type") == "lone_surrogate":  # raised on the whole body; it names its own field
+        return first.get("msg", "invalid text"), first["ctx"]["param"]
     # loc is ("body", "field", ...) for body fields; drop the leading "body".
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [p for p in first.get("loc", ()) if p != "body"]
     msg = first.get("msg", "invalid value")
     if not loc:
         if first.get("type") == "missing":
             return "The request body is missing.", None
         return f"Invalid request body: {msg}", None
-    # Deeper parts of loc name union members ("str", "list[int]"); the top field is what users wrote.
-    return f"Invalid value for '{loc[0]}': {msg}", loc[0]
+    path = _field_path(loc) or str(loc[0])
+    return f"Invalid value for '{path}': {msg}", path
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -36,6 +36,8 @@ class _EngineStatsCollector(Collector):
             "num_requests_running": ("Requests in the running batch.", s.num_running),
             "num_requests_waiting": ("Requests waiting to be scheduled.", s.num_waiting),
             "kv_cache_usage_perc": ("Fraction of KV cache blocks in use (0..1).", s.kv_cache_usage),
+            "num_batch_slots_used": ("Runner batch slots held (released the step after a request ends).",
+                                     s.num_batch_slots_used),
         }
         for name, (doc, value) in gauges.items():
             g = GaugeMetricFamily(PREFIX + name, doc, labels=labels)

@@ -1,28 +1,32 @@
 """What chat and completions handlers share: model check, tokenization off the event loop,
 context-length checks, submission with errors translated, SSE framing, and collecting a
 non-streaming result while watching for the client going away.
+
+A prompt is checked against the context as early as it can be: from its byte length when
+that proves it too long (before tokenizing), then from its token count (before tokenizing
+the next prompt of the request).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import Request
 from fastapi.responses import Response
-from sse_starlette import EventSourceResponse
 
 from kiln.server.async_engine import (
     AsyncEngine, EngineDeadError, EngineRequest, EngineStepError, GenerationStream, QueueFullError,
 )
+from kiln.server.sse import SSEResponse, encode_event
 from kiln.server.errors import APIError, bad_request, internal_error
 from kiln.server.logprobs import TokenStrings
+from kiln.server.protocol import RequestLimits
+from kiln.server.tokenizing import PromptBound, TokenizerLanes, prompt_bound
 
 logger = logging.getLogger(__name__)
 
@@ -36,18 +40,23 @@ class ServingContext:
     max_model_len: int
     served_model_name: str
     vocab_size: int
+    limits: RequestLimits | None = None  # None: no caps beyond the vocabulary
     accepting: bool = True
-    # One tokenizer thread: HF fast tokenizers are not safe to call concurrently.
-    tokenizer_pool: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="kiln-tokenize")
-    )
     strings: TokenStrings | None = None
     # Request defaults from generation_config.json (server/sampling_defaults.py).
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
+    tokenizers: TokenizerLanes = field(init=False)
+    bound: PromptBound | None = field(init=False)
 
     def __post_init__(self) -> None:
         if self.strings is None:
             self.strings = TokenStrings(self.tokenizer)
+        if self.limits is None:
+            self.limits = RequestLimits(max_n=2**63 - 1, max_prompts=2**63 - 1, vocab_size=self.vocab_size)
+        self.tokenizers = TokenizerLanes(self.tokenizer)
+        self.bound = prompt_bound(self.tokenizer)
+        logger.info("prompt length pre-check: %s", f"{self.bound.bytes_per_token} bytes per token at most"
+                    if self.bound else "off (this tokenizer may drop or merge input text)")
 
 
 class ClientDisconnected(Exception):
@@ -84,18 +93,34 @@ class OpenAIServing:
         if model is not None and model != self.ctx.served_model_name:
             raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
-    async def in_tokenizer_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.ctx.tokenizer_pool, fn, *args)
+    async def in_tokenizer_thread(self, size: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(tokenizer, *args)`` in the tokenizer lane for ``size`` characters of text."""
+        return await self.ctx.tokenizers.run(size, fn, *args)
 
-    def max_tokens_for(self, num_prompt: int, requested: int | None, param: str, prompt_param: str) -> int:
-        """``requested`` checked against the context, or the rest of the context when None."""
+    def tokenize_checked(self, tokenizer: Any, text: str, prompt_param: str, **kwargs: Any) -> list[int]:
+        """``text``'s token ids (tokenizer thread); a text too long for the context is refused
+        before it is tokenized when its length proves it, else right after."""
+        if tokenizer is None:
+            raise bad_request("This model has no tokenizer: send the prompt as token ids.", prompt_param)
+        if self.ctx.bound is not None:
+            self.check_prompt_len(self.ctx.bound.min_tokens(text), prompt_param, at_least=True)
+        ids = list(tokenizer(text, **kwargs)["input_ids"])
+        self.check_prompt_len(len(ids), prompt_param)
+        return ids
+
+    def check_prompt_len(self, num_prompt: int, prompt_param: str, at_least: bool = False) -> None:
         limit = self.ctx.max_model_len
         if num_prompt >= limit:
             raise bad_request(
                 f"This model's maximum context length is {limit} tokens, but the prompt has "
-                f"{num_prompt} tokens, leaving no room to generate.", prompt_param)
-        if requested is None:  # the rest of the context, capped by generation_config's max_new_tokens
+                f"{'at least ' if at_least else ''}{num_prompt} tokens, leaving no room to generate.", prompt_param)
+
+    def max_tokens_for(self, num_prompt: int, requested: int | None, param: str, prompt_param: str) -> int:
+        """``requested`` checked against the context, or the rest of the context when None."""
+        limit = self.ctx.max_model_len
+        self.check_prompt_len(num_prompt, prompt_param)
+        if requested is None:
+            # the rest of the context, capped by generation_config's max_new_tokens
             return min(limit - num_prompt, self.ctx.sampling_defaults.get("max_tokens", limit))
         if requested >= 1 and num_prompt + requested > limit:
             raise bad_request(
@@ -110,7 +135,7 @@ class OpenAIServing:
         except QueueFullError as e:
             raise APIError(503, f"{e} Retry later.", headers={"Retry-After": "1"}) from None
         except EngineDeadError as e:
-            raise APIError(503, str(e)) from None
+            raise _unavailable(e) from None
         except ValueError as e:  # the engine rejected the request (too long, bad params)
             raise bad_request(str(e), getattr(e, "param", None) or prompt_param) from None
 
@@ -139,28 +164,36 @@ class OpenAIServing:
             raise ClientDisconnected()
         try:
             consumer.result()
-        except (EngineStepError, EngineDeadError):
+        except EngineStepError:
             raise internal_error() from None
+        except EngineDeadError as e:  # the server is shutting down, or the engine loop died
+            raise _unavailable(e) from None
         return finished
 
-    def sse(self, stream: GenerationStream, chunks: AsyncIterator[dict]) -> EventSourceResponse:
-        return EventSourceResponse(self._sse_events(stream, chunks), sep="\n", ping=15)
+    def sse(self, stream: GenerationStream, chunks: AsyncIterator[dict]) -> SSEResponse:
+        return SSEResponse(self._sse_events(stream, chunks), ping_s=15)
 
-    async def _sse_events(self, stream: GenerationStream, chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
+    async def _sse_events(self, stream: GenerationStream, chunks: AsyncIterator[dict]) -> AsyncIterator[bytes]:
         try:
             async for chunk in chunks:
-                yield json.dumps(chunk, ensure_ascii=False, separators=(",", ":"))
-        except (EngineStepError, EngineDeadError):
-            yield json.dumps(internal_error().body())
+                yield encode_event(chunk)
+        except EngineStepError:
+            yield encode_event(internal_error().body())
+        except EngineDeadError as e:
+            yield encode_event(_unavailable(e).body())
         except APIError as e:
-            yield json.dumps(e.body())
+            yield encode_event(e.body())
         except Exception:  # noqa: BLE001 - a bug must not leave the stream open
             logger.exception("Error while streaming a response")
-            yield json.dumps(internal_error().body())
+            yield encode_event(internal_error().body())
         finally:
-            # Runs on normal end, on error and when sse-starlette cancels us after a disconnect.
+            # Runs on normal end, on error and when SSEResponse cancels us after a disconnect.
             self.ctx.engine.abort(stream)
-        yield "[DONE]"
+        yield encode_event("[DONE]")
+
+
+def _unavailable(error: EngineDeadError) -> APIError:
+    return APIError(503, str(error))
 
 
 async def _wait_for_disconnect(raw_request: Request) -> None:

@@ -10,17 +10,17 @@ from fastapi.responses import JSONResponse, Response
 from kiln.server.async_engine import EngineRequest, EngineStepError, GenerationStream
 from kiln.server.errors import bad_request
 from kiln.server.logprobs import chat_logprobs
-from kiln.server.protocol import ChatCompletionRequest
+from kiln.server.protocol import ChatCompletionRequest, messages_size
 from kiln.server.serving import ClientDisconnected, OpenAIServing, disconnected_response, new_id, now
 
 
 class ChatServing(OpenAIServing):
     """Serves chat completions, streaming or not."""
 
-    def render_prompt(self, conversation: list[dict], add_generation_prompt: bool,
-                      template_kwargs: dict[str, Any] | None) -> list[int]:
-        """The chat template applied and tokenized (runs in the tokenizer thread)."""
-        tok = self.ctx.tokenizer
+    def render_prompt(self, tok: Any, conversation: list[dict], add_generation_prompt: bool,
+                      template_kwargs: dict[str, Any] | None, check_len: bool = True) -> list[int]:
+        """The chat template applied and tokenized (runs in a tokenizer thread); with
+        ``check_len`` a conversation too long for the context is refused as soon as known."""
         try:
             text = tok.apply_chat_template(
                 conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
@@ -28,15 +28,19 @@ class ChatServing(OpenAIServing):
             )
         except Exception as e:  # a template error is the caller's input (bad roles, kwargs)
             raise bad_request(f"Cannot apply the chat template: {e}", "messages") from None
+        if check_len:
+            return self.tokenize_checked(tok, text, "messages", add_special_tokens=False)
         return list(tok(text, add_special_tokens=False)["input_ids"])
 
     async def create(self, req: ChatCompletionRequest, raw_request: Request) -> Response:
         req.check_supported()
+        req.check_limits(self.ctx.limits)
         self.check_ready(req.model)
         arrival, created = now()
         conversation = req.conversation()
         prompt_ids = await self.in_tokenizer_thread(
-            self.render_prompt, conversation, req.add_generation_prompt, req.chat_template_kwargs
+            messages_size(req.messages), self.render_prompt, conversation, req.add_generation_prompt,
+            req.chat_template_kwargs,
         )
         requested, param = req.requested_max_tokens
         max_tokens = self.max_tokens_for(len(prompt_ids), requested, param, "messages")

@@ -6,7 +6,7 @@ in OpenAI's API.
 
 from __future__ import annotations
 
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -21,25 +21,29 @@ from kiln.server.serving import ClientDisconnected, OpenAIServing, disconnected_
 class CompletionServing(OpenAIServing):
     """Serves legacy completions, streaming or not."""
 
-    def tokenize_prompts(self, prompts: list[str | list[int]]) -> list[list[int]]:
-        """Text prompts tokenized as the offline engine does (runs in the tokenizer thread)."""
+    def tokenize_prompts(self, tok: Any, prompts: list[str | list[int]]) -> list[list[int]]:
+        """Text prompts tokenized as the offline engine does (runs in a tokenizer thread); the
+        first prompt too long for the context ends the work."""
         vocab = self.ctx.vocab_size
         out = []
         for i, p in enumerate(prompts):
             if isinstance(p, str):
-                out.append(list(self.ctx.tokenizer(p)["input_ids"]))
+                out.append(self.tokenize_checked(tok, p, "prompt"))
             else:
-                if not p or any(not isinstance(t, int) or not 0 <= t < vocab for t in p):
+                if not p or any(not 0 <= t < vocab for t in p):
                     raise bad_request(f"prompt {i} must be a non-empty list of token ids in [0, {vocab}).",
                                       "prompt")
+                self.check_prompt_len(len(p), "prompt")
                 out.append(list(p))
         return out
 
     async def create(self, req: CompletionRequest, raw_request: Request) -> Response:
         req.check_supported()
+        req.check_limits(self.ctx.limits)
         self.check_ready(req.model)
         arrival, created = now()
-        prompt_ids = await self.in_tokenizer_thread(self.tokenize_prompts, req.prompts())
+        prompts = req.prompts(self.ctx.limits)
+        prompt_ids = await self.in_tokenizer_thread(sum(map(len, prompts)), self.tokenize_prompts, prompts)
         request_id = new_id("cmpl")
         requests = []
         for i, ids in enumerate(prompt_ids):

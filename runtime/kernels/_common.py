@@ -14,6 +14,7 @@ class KernelInputError(ValueError):
 
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FP8_KV_DTYPE = torch.float8_e4m3fn  # a KV cache of this dtype holds K/V quantized (runtime/fp8_kv.py)
 
 
 def next_pow2(n: int) -> int:
@@ -92,3 +93,20 @@ def check_scale(name: str, scale: torch.Tensor, like: torch.Tensor) -> None:
 
 
 TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+@triton.jit
+def fp8_e4m3_round(x, inv_scale):
+    """x * inv_scale saturated to +-448 and rounded to nearest-even on the E4M3 grid, as float32.
+
+    Done in float32 arithmetic rather than by the fp8 cast, so the result is the same under
+    Triton's CPU interpreter (whose fp8 cast truncates) as on the GPU (cvt.rn.satfinite): adding
+    and subtracting 2^(e + 20) for |y| in [2^e, 2^(e+1)) rounds y to a multiple of 2^(e - 3),
+    E4M3's step there (3 mantissa bits); below 2^-6 the step stays 2^-9 (subnormals). The cast of
+    the exactly representable result to fp8 is then exact on every backend.
+    """
+    y = tl.minimum(tl.abs(x * inv_scale), 448.0)
+    exp_bits = tl.maximum(y.to(tl.int32, bitcast=True) & 0x7F800000, (127 - 6) << 23)
+    magic = (exp_bits + (20 << 23)).to(tl.float32, bitcast=True)
+    y = (y + magic) - magic
+    return tl.where(x.to(tl.int32, bitcast=True) < 0, -y, y)  # keeps the sign of -0.0 and of underflows

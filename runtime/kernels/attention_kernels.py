@@ -9,6 +9,12 @@ Three kernels:
   log-sum-exp (base 2).
 
 Every softmax runs online in fp32 with exp2 (the scale is pre-multiplied by log2(e)).
+An FP8 cache (runtime/fp8_kv.py) is read as is and converted in registers to the dtype of the dots:
+fp16 for bf16/fp16 queries (FP16_DOTS: E4M3 -> fp16 is one native conversion per two elements,
+-> bf16 three, which would cap decode below the memory bandwidth; every E4M3 value is an fp16 value,
+q is rounded to fp16, exactly within fp16's normal range, and P too, more finely than bf16 would),
+fp32 for fp32 queries. Its K scale is folded into the softmax scale by the caller and its V scale
+multiplies the output (SCALE_V), so no element is scaled one by one.
 Cache tensors are [num_blocks, block_size, num_kv_heads, head_dim] with a unit last stride;
 token n of a sequence lives in block block_tables[seq, n // BLOCK_SIZE], row n % BLOCK_SIZE.
 """
@@ -32,6 +38,17 @@ def _kv_rows(bt_row_ptr, n_start, offs_n, n_valid, stride_cb, stride_cs, BLOCK_S
 
 
 @triton.jit
+def _load_q(ptrs, mask, UPCAST: tl.constexpr, FP16_DOTS: tl.constexpr):
+    """The query tile in the dtype of the dots (module docstring); fp16 saturates instead of overflowing."""
+    q = tl.load(ptrs, mask=mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    if FP16_DOTS:
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+    return q
+
+
+@triton.jit
 def _softmax_step(s, m_i, l_i, acc):
     """One online-softmax update with logits s (base-2 units); returns probabilities too."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -46,7 +63,7 @@ def _softmax_step(s, m_i, l_i, acc):
 def _prefill_tile(q, k_ptr, v_ptr, bt_row, n_start, kv_end, q_pos, head_off, offs_d, d_valid,
                   m_i, l_i, acc, scale_log2, stride_cb, stride_cs,
                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                  EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+                  EVEN_D: tl.constexpr, PREC: tl.constexpr):
     offs_n = n_start + tl.arange(0, BLOCK_N)
     n_valid = offs_n < kv_end
     rows = _kv_rows(bt_row, n_start, offs_n, n_valid, stride_cb, stride_cs, BLOCK_SIZE, BLOCK_N) + head_off
@@ -61,9 +78,8 @@ def _prefill_tile(q, k_ptr, v_ptr, bt_row, n_start, kv_end, q_pos, head_off, off
     else:
         k = tl.load(k_ptr + rows[:, None] + offs_d[None, :], mask=d_valid[None, :], other=0.0)
         v = tl.load(v_ptr + rows[:, None] + offs_d[None, :], mask=d_valid[None, :], other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k = k.to(q.dtype)  # a no-op unless the cache is FP8 or q was upcast
+    v = v.to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
     if MASKED:
         causal = (offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :]
@@ -74,11 +90,12 @@ def _prefill_tile(q, k_ptr, v_ptr, bt_row, n_start, kv_end, q_pos, head_off, off
 
 
 @triton.jit
-def prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, scale_log2, num_m_blocks,
+def prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, scale_log2, v_scale, num_m_blocks,
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
                    GQA: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   MIN_Q_LEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+                   MIN_Q_LEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, SCALE_V: tl.constexpr,
+                   FP16_DOTS: tl.constexpr):
     seq = tl.program_id(0) // num_m_blocks
     m_block = tl.program_id(0) % num_m_blocks
     head = tl.program_id(1)
@@ -92,10 +109,8 @@ def prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, 
     m_valid = offs_m < q_len
     d_valid = offs_d < HEAD_DIM
     tok = (q_start + offs_m).to(tl.int64)
-    q = tl.load(q_ptr + tok[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                mask=m_valid[:, None] & d_valid[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = _load_q(q_ptr + tok[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                m_valid[:, None] & d_valid[None, :], UPCAST, FP16_DOTS)
     q_pos = ctx - q_len + offs_m
     first_pos = ctx - q_len + m_block * BLOCK_M
     # Keys up to the block's last query position; the tiles wholly at or before its first query
@@ -110,11 +125,13 @@ def prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, 
     for n_start in range(0, full_end, BLOCK_N):
         m_i, l_i, acc = _prefill_tile(q, k_ptr, v_ptr, bt_row, n_start, kv_end, q_pos, head_off, offs_d,
                                       d_valid, m_i, l_i, acc, scale_log2, stride_cb, stride_cs,
-                                      BLOCK_SIZE, BLOCK_N, False, HEAD_DIM == D_PAD, UPCAST, PREC)
+                                      BLOCK_SIZE, BLOCK_N, False, HEAD_DIM == D_PAD, PREC)
     for n_start in range(full_end, kv_end, BLOCK_N):
         m_i, l_i, acc = _prefill_tile(q, k_ptr, v_ptr, bt_row, n_start, kv_end, q_pos, head_off, offs_d,
                                       d_valid, m_i, l_i, acc, scale_log2, stride_cb, stride_cs,
-                                      BLOCK_SIZE, BLOCK_N, True, HEAD_DIM == D_PAD, UPCAST, PREC)
+                                      BLOCK_SIZE, BLOCK_N, True, HEAD_DIM == D_PAD, PREC)
+    if SCALE_V:
+        acc = acc * v_scale
     out = acc / l_i[:, None]
     tl.store(out_ptr + tok[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
@@ -122,11 +139,11 @@ def prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, 
 
 @triton.jit
 def decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, bt_ptr, qsl_ptr, seq_lens_ptr,
-                  scale_log2, num_splits,
+                  scale_log2, v_scale, num_splits,
                   stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
                   GQA: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT_OUT: tl.constexpr,
-                  UPCAST: tl.constexpr, PREC: tl.constexpr):
+                  UPCAST: tl.constexpr, PREC: tl.constexpr, SCALE_V: tl.constexpr, FP16_DOTS: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -144,10 +161,8 @@ def decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, bt_p
     d_valid = offs_d < HEAD_DIM
     heads = kv_head * GQA + offs_g
     gd_mask = g_valid[:, None] & d_valid[None, :]
-    q = tl.load(q_ptr + q_start.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=gd_mask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = _load_q(q_ptr + q_start.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                gd_mask, UPCAST, FP16_DOTS)
     bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
     head_off = kv_head * stride_ch
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
@@ -160,13 +175,14 @@ def decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, bt_p
         kv_mask = n_valid[:, None] & d_valid[None, :]
         k = tl.load(k_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = k.to(q.dtype)  # a no-op unless the cache is FP8 or q was upcast
+        v = v.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
         s = tl.where(n_valid[None, :], s, float("-inf"))
         p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc)
         acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    if SCALE_V:
+        acc = acc * v_scale
     if DIRECT_OUT:
         tl.store(out_ptr + q_start.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
                  (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=gd_mask)

@@ -6,7 +6,8 @@ A batch is served by at most three launches and no host synchronisation:
   context when there are too few (sequence, KV head) programs to fill the GPU;
 * `reduce_kernel`, only when the context was split.
 Which rows are decode rows is decided inside the kernels from query_start_loc, so the caller only
-passes the two maxima it already knows from its CPU plan.
+passes the two maxima it already knows from its CPU plan. The cache is in q's dtype or FP8
+(float8_e4m3fn, with its dequantization scales k_scale / v_scale: runtime/fp8_kv.py).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import (SUPPORTED_DTYPES, KernelInputError, check, check_dtype, check_last_dim_contiguous, device_sms, dot_precision, next_pow2,
-                      upcast_dots)
+from ._common import (FP8_KV_DTYPE, SUPPORTED_DTYPES, KernelInputError, check, check_dtype, check_last_dim_contiguous,
+                      device_sms, dot_precision, next_pow2, upcast_dots)
 from .attention_kernels import decode_kernel, prefill_kernel, reduce_kernel
 
 LOG2E = 1.4426950408889634
@@ -60,22 +61,24 @@ def choose_num_splits(batch: int, kv_heads: int, max_seq_len: int, cfg: Attentio
 
 
 def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                  query_start_loc: torch.Tensor, seq_lens: torch.Tensor) -> None:
+                  query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scaled: bool) -> None:
     """One cheap boolean on the hot path (this runs once per layer per step; building the error
     messages eagerly cost ~40 us); the detailed checks run only to explain a failure."""
     qs, ks = q.shape, k_cache.shape
     ok = (q.dim() == 3 and len(ks) == 4 and ks == v_cache.shape and k_cache.stride() == v_cache.stride()
-          and ks[3] == qs[2] and qs[1] % ks[2] == 0 and q.dtype == k_cache.dtype == v_cache.dtype
+          and ks[3] == qs[2] and qs[1] % ks[2] == 0 and k_cache.dtype == v_cache.dtype
+          and (k_cache.dtype == q.dtype or k_cache.dtype == FP8_KV_DTYPE)
+          and (k_cache.dtype == FP8_KV_DTYPE or not scaled)
           and q.dtype in SUPPORTED_DTYPES and q.stride(2) == 1 and k_cache.stride(3) == 1
           and block_tables.dtype == query_start_loc.dtype == seq_lens.dtype == torch.int32
           and block_tables.dim() == 2 and block_tables.stride(1) == 1
           and query_start_loc.shape[0] == seq_lens.shape[0] + 1 and block_tables.shape[0] >= seq_lens.shape[0])
     if not ok:
-        _explain_bad_inputs(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens)
+        _explain_bad_inputs(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scaled)
 
 
 def _explain_bad_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                        query_start_loc: torch.Tensor, seq_lens: torch.Tensor) -> None:
+                        query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scaled: bool) -> None:
     check(q.dim() == 3, f"q must be [tokens, heads, head_dim], got shape {tuple(q.shape)}")
     check(k_cache.dim() == 4 and k_cache.shape == v_cache.shape,
           f"k_cache/v_cache must both be [blocks, block_size, kv_heads, head_dim], got "
@@ -84,7 +87,10 @@ def _explain_bad_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     check(k_cache.shape[3] == q.shape[2], f"head_dim differs: q {q.shape[2]}, cache {k_cache.shape[3]}")
     check(q.shape[1] % k_cache.shape[2] == 0,
           f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k_cache.shape[2]})")
-    check(q.dtype == k_cache.dtype == v_cache.dtype, f"dtypes differ: q {q.dtype}, cache {k_cache.dtype}")
+    fp8 = k_cache.dtype == v_cache.dtype == FP8_KV_DTYPE
+    check(q.dtype == k_cache.dtype == v_cache.dtype or fp8,
+          f"dtypes differ: q {q.dtype}, cache {k_cache.dtype}/{v_cache.dtype} (the cache is q's dtype or fp8)")
+    check(fp8 or not scaled, f"KV scales apply to an FP8 cache only; this cache is {k_cache.dtype}")
     check_dtype("q", q)
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         check_last_dim_contiguous(name, t)
@@ -100,15 +106,18 @@ def _explain_bad_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float, max_query_len: int,
-                    max_seq_len: int, *, config: AttentionConfig | None = None,
-                    num_splits: int | None = None) -> torch.Tensor:
+                    max_seq_len: int, *, config: AttentionConfig | None = None, num_splits: int | None = None,
+                    k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Causal attention of q[T, Hq, D] over each sequence's paged context; returns out[T, Hq, D].
 
     Query token i of sequence b sits at position seq_lens[b] - q_len_b + i and sees positions
     <= that. max_query_len must be >= every q_len (it sizes the prefill grid); max_seq_len only
     tunes the decode split count. `config` and `num_splits` override the defaults (tuning, tests).
+    An FP8 cache holds K/V divided by k_scale/v_scale: k_scale joins the softmax scale and v_scale
+    multiplies the output.
     """
-    _check_inputs(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens)
+    scaled = k_scale != 1.0 or v_scale != 1.0
+    _check_inputs(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scaled)
     out = torch.empty_like(q)
     batch = seq_lens.shape[0]
     if q.shape[0] == 0 or batch == 0:
@@ -116,25 +125,28 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     cfg = config or default_config(q.shape[2], q.dtype)
     num_heads, head_dim = q.shape[1], q.shape[2]
     kv_heads = k_cache.shape[2]
+    fp16_dots = k_cache.dtype == FP8_KV_DTYPE and q.dtype != torch.float32  # attention_kernels docstring
     common = dict(HEAD_DIM=head_dim, D_PAD=next_pow2(head_dim), BLOCK_SIZE=k_cache.shape[1],
-                  UPCAST=upcast_dots(q), PREC=dot_precision(q.dtype))
+                  UPCAST=upcast_dots(q) and not fp16_dots, PREC=dot_precision(q.dtype), SCALE_V=v_scale != 1.0,
+                  FP16_DOTS=fp16_dots)
     strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
                k_cache.stride(2), block_tables.stride(0))
-    scale_log2 = float(scale) * LOG2E
+    scales = (float(scale) * k_scale * LOG2E, float(v_scale))  # (scale_log2, v_scale) of the kernels
     if max_query_len > 1:
         m_blocks = math.ceil(max_query_len / cfg.prefill_block_m)
         prefill_kernel[(batch * m_blocks, num_heads)](
-            q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, scale_log2, m_blocks, *strides,
+            q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, *scales, m_blocks, *strides,
             GQA=num_heads // kv_heads, BLOCK_M=cfg.prefill_block_m, BLOCK_N=cfg.prefill_block_n, MIN_Q_LEN=2,
             num_warps=cfg.prefill_warps, num_stages=cfg.prefill_stages, **common)
-    _decode(q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, scale_log2, max_seq_len,
+    _decode(q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, scales, max_seq_len,
             strides, common, cfg, num_splits)
     return out
 
 
-def _decode(q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, scale_log2: float,
+def _decode(q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, scales: tuple[float, float],
             max_seq_len: int, strides: tuple, common: dict, cfg: AttentionConfig, num_splits: int | None) -> None:
-    """Launch the split-KV decode kernel (and its reduction when the context is split)."""
+    """Launch the split-KV decode kernel (and its reduction when the context is split);
+    scales = (softmax scale * k_scale * log2(e), v_scale)."""
     batch, num_heads, kv_heads = seq_lens.shape[0], q.shape[1], k_cache.shape[2]
     gqa = num_heads // kv_heads
     splits = num_splits or choose_num_splits(batch, kv_heads, max_seq_len, cfg, device_sms(q))
@@ -144,7 +156,7 @@ def _decode(q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, s
     else:
         part_out = part_lse = out  # unused: the kernel writes the output directly
     decode_kernel[(batch, kv_heads, splits)](
-        q, k_cache, v_cache, out, part_out, part_lse, block_tables, query_start_loc, seq_lens, scale_log2,
+        q, k_cache, v_cache, out, part_out, part_lse, block_tables, query_start_loc, seq_lens, *scales,
         splits, *strides, GQA=gqa, G_PAD=max(16, next_pow2(gqa)), BLOCK_N=cfg.decode_block_n,
         DIRECT_OUT=splits == 1, num_warps=cfg.decode_warps, num_stages=cfg.decode_stages, **common)
     if splits > 1:

@@ -138,7 +138,9 @@ class FakeEngine:
         return RequestOutput(seq.request_id, None, seq.prompt, choices, finished, seq.metrics)
 
     def get_stats(self) -> EngineStats:
-        running = min(len(self.running), self.max_running)
-        return EngineStats(num_running=running, num_waiting=len(self.running) - running, kv_cache_usage=0.0,
+        seqs = list(self.running.values())
+        running = min(len(seqs), self.max_running)
+        waiting = sum(seq.params.n for seq in seqs[self.max_running:])  # sequences, as the scheduler counts
+        return EngineStats(num_running=running, num_waiting=waiting, kv_cache_usage=0.0,
                            prefix_cache_queries=0, prefix_cache_hits=0, num_preemptions=0,
                            prompt_tokens=0, generation_tokens=0)

@@ -96,3 +96,13 @@ def metric(text: str, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return sample.value
     return 0.0
+
+
+def assert_error(r: httpx.Response, status: int, param: str | None = "?") -> dict:
+    """The OpenAI-shaped error body of ``r`` (status checked; ``param`` too unless "?")."""
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param != "?":
+        assert err["param"] == param, err
+    return err

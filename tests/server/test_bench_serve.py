@@ -27,6 +27,13 @@ def test_bench_serve_reports_every_request(capsys):
             assert figures["output_tokens"] == 12 * 5
             assert 0 < figures["ttft_p50_ms"] <= figures["ttft_p99_ms"]
             assert figures["itl_mean_ms"] > 0 and figures["tpot_mean_ms"] > 0
+        # Two client processes share the requests and the concurrency; the results are merged.
+        code = main([server.base_url, "-n", "12", "--concurrency", "4", "--processes", "2", "--isl", "8",
+                     "--osl", "5", "--token-range", "40", "100", "--json"])
+        figures = json.loads(capsys.readouterr().out)["figures"]
+        assert code == 0 and figures["completed"] == 12 and figures["output_tokens"] == 12 * 5
+        assert figures["client_processes"] == 2 and figures["client_cpu_s"] > 0
+        assert figures["client_cpu_cores"] == figures["client_cpu_s"] / figures["duration_s"]
         code = main([server.base_url, "-n", "2", "--isl", "300", "--osl", "5", "--token-range", "40", "100", "--json"])
         assert code == 1 and json.loads(capsys.readouterr().out)["figures"]["failed"] == 2
 

@@ -22,6 +22,11 @@ def test_example_yaml_loads_and_flags_win(tmp_path, monkeypatch):
     assert cfg.engine.enable_prefix_caching is False and cfg.engine.max_batch_size == 8
     assert cfg.engine.max_num_tokens == 8192 and cfg.model_name == "smollm2-135m"
     assert cfg.api_key is None
+    assert cfg.engine.kv_cache_dtype == "auto"
+    assert parse_config(["--kv-cache-dtype", "fp8", "e"]).engine.kv_cache_dtype == "fp8"
+    assert (cfg.max_n, cfg.max_prompts, cfg.max_request_bytes) == (16384, 1024, 8 * 2**20)
+    cfg = parse_config(["e", "--max-n", "4", "--max-prompts", "2", "--max-request-bytes", "1000"])
+    assert (cfg.max_n, cfg.max_prompts, cfg.max_request_bytes) == (4, 2, 1000)
 
 
 def test_api_key_precedence_flag_yaml_env():
@@ -37,8 +42,12 @@ def test_api_key_precedence_flag_yaml_env():
     ({}, {}, "no engine or model given"),
     ({"engine_dir": "e", "port": 70000}, {}, "port"),
     ({"engine_dir": "e", "max_queue": 0}, {}, "max_queue"),
+    ({"engine_dir": "e", "max_n": 0}, {}, "max_n"),
+    ({"engine_dir": "e"}, {"max_prompts": True}, "max_prompts"),
+    ({"engine_dir": "e", "max_request_bytes": -1}, {}, "max_request_bytes"),
     ({"engine_dir": "e", "block_size": 0}, {}, "block_size"),
     ({"engine_dir": "e", "device": "tpu"}, {}, "device"),
+    ({"engine_dir": "e"}, {"kv_cache_dtype": "int8"}, "kv_cache_dtype"),
 ])
 def test_bad_options_name_the_option(cli, yaml_values, needle):
     with pytest.raises(ServerConfigError, match=needle):

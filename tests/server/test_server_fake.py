@@ -17,7 +17,7 @@ from kiln.server.config import ServerConfig
 from kiln.server.metrics import ServerMetrics
 
 from .fake_engine import FakeEngine, expected_text
-from .helpers import ThreadServer, metric, sse_events
+from .helpers import ThreadServer, assert_error, metric, sse_events
 
 MODEL = "fake"
 
@@ -80,15 +80,6 @@ def test_completions_several_prompts_and_logprobs(fake):
     assert out["usage"] == {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13}
 
 
-def _error(r: httpx.Response, status: int, param: str | None = "?") -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    if param != "?":
-        assert err["param"] == param, err
-    return err
-
-
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
@@ -111,7 +102,7 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_to
 ])
 def test_chat_bad_fields_are_400_naming_the_param(fake, change, param):
     r = httpx.post(fake[1] + "/v1/chat/completions", json={**CHAT, **change}, timeout=30)
-    _error(r, 400, param)
+    assert_error(r, 400, param)
 
 
 @pytest.mark.parametrize("change, param", [
@@ -120,27 +111,28 @@ def test_chat_bad_fields_are_400_naming_the_param(fake, change, param):
 ])
 def test_completions_unsupported_fields_are_400(fake, change, param):
     body = {"model": MODEL, "prompt": "hi", "max_tokens": 2, **change}
-    _error(httpx.post(fake[1] + "/v1/completions", json=body, timeout=30), 400, param)
+    assert_error(httpx.post(fake[1] + "/v1/completions", json=body, timeout=30), 400, param)
 
 
 def test_engine_rejection_names_the_prompt_param(fake):
     # The engine's own rejections carry no param; the server names the prompt field.
     body = {"model": MODEL, "prompt": "", "max_tokens": 2}
-    assert "empty" in _error(httpx.post(fake[1] + "/v1/completions", json=body, timeout=30), 400, "prompt")["message"]
+    err = assert_error(httpx.post(fake[1] + "/v1/completions", json=body, timeout=30), 400, "prompt")
+    assert "empty" in err["message"]
 
 
 def test_context_limit_message_names_the_limit(fake):
     r = httpx.post(fake[1] + "/v1/chat/completions", json={**CHAT, "max_tokens": 60}, timeout=30)
-    assert "64" in _error(r, 400)["message"]
+    assert "64" in assert_error(r, 400)["message"]
 
 
 def test_malformed_json_unknown_model_route_and_extra_fields(fake):
     url = fake[1]
     r = httpx.post(url + "/v1/chat/completions", content=b"{not json", timeout=30,
                    headers={"content-type": "application/json"})
-    assert "JSON" in _error(r, 400)["message"]
-    _error(httpx.post(url + "/v1/chat/completions", json={**CHAT, "model": "nope"}, timeout=30), 404, "model")
-    _error(httpx.get(url + "/v1/nothing", timeout=30), 404)
+    assert "JSON" in assert_error(r, 400)["message"]
+    assert_error(httpx.post(url + "/v1/chat/completions", json={**CHAT, "model": "nope"}, timeout=30), 404, "model")
+    assert_error(httpx.get(url + "/v1/nothing", timeout=30), 404)
     r = httpx.post(url + "/v1/chat/completions", json={**CHAT, "some_future_field": 1, "temperature": None},
                    timeout=30)
     assert r.status_code == 200, r.text
@@ -149,7 +141,7 @@ def test_malformed_json_unknown_model_route_and_extra_fields(fake):
 def test_failed_request_is_500_without_internals_and_server_lives(fake):
     url = fake[1]
     bad = {**CHAT, "messages": [{"role": "user", "content": "FAIL_REQUEST"}]}
-    err = _error(httpx.post(url + "/v1/chat/completions", json=bad, timeout=30), 500)
+    err = assert_error(httpx.post(url + "/v1/chat/completions", json=bad, timeout=30), 500)
     assert "Traceback" not in err["message"] and "fake" not in err["message"].lower()
     r, raw = _stream(url, "/v1/chat/completions", {**bad, "stream": True})
     events = sse_events(raw.split("\n"))
@@ -211,22 +203,24 @@ def test_non_streaming_client_gone_aborts_the_request(fake):
         engine.step_delay = 0.0
 
 
-def test_full_queue_is_503_with_retry_after():
+def test_full_queue_is_503_with_retry_after_counting_sequences():
+    # n choices wait as n sequences: a request with n=3 fills three of --max-queue 4 places.
     engine = FakeEngine(step_delay=0.05, max_running=1)
-    with _server(engine, max_queue=1) as server:
+    with _server(engine, max_queue=4) as server:
         async def run() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
                 body = {**CHAT, "max_tokens": 20}
                 first = asyncio.create_task(client.post("/v1/chat/completions", json=body))
                 await asyncio.sleep(0.2)
-                second = asyncio.create_task(client.post("/v1/chat/completions", json=body))
-                await asyncio.sleep(0.2)  # second waits behind first: the queue holds 1
-                third = await client.post("/v1/chat/completions", json=body)
-                return [await first, await second, third]
+                second = asyncio.create_task(client.post("/v1/chat/completions", json={**body, "n": 3}))
+                await asyncio.sleep(0.2)  # second waits behind first: 3 sequences of 4 places
+                third = await client.post("/v1/chat/completions", json={**body, "n": 2})
+                fourth = await client.post("/v1/chat/completions", json={**body, "max_tokens": 1})
+                return [await first, await second, third, fourth]
 
-        first, second, third = asyncio.run(run())
-    assert first.status_code == 200 and second.status_code == 200
-    _error(third, 503)
+        first, second, third, fourth = asyncio.run(run())
+    assert first.status_code == 200 and second.status_code == 200 and fourth.status_code == 200
+    assert "4 sequences" in assert_error(third, 503)["message"]
     assert third.headers["retry-after"] == "1"
 
 
@@ -237,14 +231,14 @@ def test_dead_engine_loop_reports_unhealthy():
         r = httpx.post(server.base_url + "/v1/chat/completions", json=CHAT, timeout=30)
         assert r.status_code in (500, 503)
         assert httpx.get(server.base_url + "/health").status_code == 503
-        _error(httpx.post(server.base_url + "/v1/chat/completions", json=CHAT, timeout=30), 503)
+        assert_error(httpx.post(server.base_url + "/v1/chat/completions", json=CHAT, timeout=30), 503)
 
 
 def _engine_request(rid: str, max_tokens: int = 50) -> EngineRequest:
     return EngineRequest(rid, "hi", SamplingParams(max_tokens=max_tokens), time.monotonic())
 
 
-def test_request_queued_while_the_loop_dies_gets_an_error():
+def test_request_queued_while_the_loop_dies_gets_anassert_error():
     # A submission that reaches the inbox during the step that kills the loop must not wait forever.
     engine = FakeEngine(step_delay=0.5)
     async_engine = AsyncEngine(engine)

@@ -1,0 +1,123 @@
+"""EngineProcess: LLMEngine in a child process, against the same engine in this process
+(tiny random-weight Llama on the CPU)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from kiln.engine_builder import build_engine
+from kiln.runtime import LLMEngine
+from kiln.runtime.config import EngineConfig
+from kiln.scheduler import RequestRejected
+from kiln.scheduler.sampling_params import SamplingParams
+from kiln.server.engine_process import EngineProcessError, EngineProcess
+
+OPTIONS = dict(device="cpu", max_model_len=96, num_kv_cache_tokens=1024)
+
+
+@pytest.fixture(scope="module")
+def engine_dir(tmp_path_factory: pytest.TempPathFactory):
+    path = tmp_path_factory.mktemp("remote") / "tiny"
+    build_engine(None, path, random_weights="tiny-llama", progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def remote(engine_dir):
+    engine = EngineProcess(EngineConfig(engine_dir=str(engine_dir), **OPTIONS))
+    yield engine
+    engine.shutdown()
+
+
+def drain(engine, deadline_s: float = 60.0) -> dict:
+    final: dict = {}
+    deltas: dict = {}
+    deadline = time.monotonic() + deadline_s
+    while engine.has_unfinished_requests():
+        assert time.monotonic() < deadline, "the engine did not finish"
+        for out in engine.step():
+            final[out.request_id] = out
+            for c in out.outputs:
+                deltas.setdefault((out.request_id, c.index), []).extend(c.delta_token_ids)
+    for (rid, index), ids in deltas.items():  # the deltas add up to the cumulative ids
+        assert [c for c in final[rid].outputs if c.index == index][0].token_ids == ids
+    return final
+
+
+REQUESTS = [
+    ("greedy", [5, 6, 7, 8], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)),
+    ("n2-seeded", [9, 10], SamplingParams(temperature=0.8, seed=3, n=2, max_tokens=7, ignore_eos=True)),
+    ("logprobs", [11, 12, 13], SamplingParams(temperature=0.0, max_tokens=5, logprobs=2, ignore_eos=True)),
+]
+
+
+def test_outputs_equal_the_engine_in_this_process(remote, engine_dir):
+    local = LLMEngine.from_engine_dir(engine_dir, **OPTIONS)
+    try:
+        for engine in (remote, local):
+            for rid, prompt, params in REQUESTS:
+                engine.add_request(rid, prompt, params)
+        got, want = drain(remote), drain(local)
+    finally:
+        local.shutdown()
+    assert sorted(got) == sorted(want) == sorted(r for r, _, _ in REQUESTS)
+    for rid in want:
+        assert got[rid].finished and got[rid].prompt_token_ids == want[rid].prompt_token_ids
+        for g, w in zip(got[rid].outputs, want[rid].outputs, strict=True):
+            assert (g.index, g.token_ids, g.finish_reason) == (w.index, w.token_ids, w.finish_reason)
+            if w.logprobs is not None:
+                assert [(x.token_id, x.top) for x in g.logprobs] == [(x.token_id, x.top) for x in w.logprobs]
+                assert [x.logprob for x in g.logprobs] == pytest.approx([x.logprob for x in w.logprobs])
+
+
+def test_bad_requests_are_rejected_at_once_and_aborts_free_the_engine(remote):
+    with pytest.raises(RequestRejected, match="max_model_len"):
+        remote.add_request("long", list(range(1, 100)), SamplingParams(max_tokens=4))
+    with pytest.raises(RequestRejected, match="vocabulary"):
+        remote.add_request("vocab", [10**7], SamplingParams(max_tokens=4))
+    with pytest.raises(RequestRejected, match="no tokenizer"):
+        remote.add_request("text", "hello", SamplingParams(max_tokens=4))
+    remote.add_request("long-run", [3, 4], SamplingParams(max_tokens=80, ignore_eos=True))
+    while not remote.step():
+        pass
+    remote.abort_request("long-run")
+    assert not remote.has_unfinished_requests()
+    deadline = time.monotonic() + 30
+    while remote.get_stats().num_running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert remote.get_stats().num_running == 0 and remote.get_stats().kv_cache_usage == 0.0
+
+
+def test_a_failed_start_and_a_dead_engine_are_one_line_errors(engine_dir, tmp_path):
+    with pytest.raises(EngineProcessError, match="kiln.json|engine"):
+        EngineProcess(EngineConfig(engine_dir=str(tmp_path / "missing"), **OPTIONS))
+    engine = EngineProcess(EngineConfig(engine_dir=str(engine_dir), **OPTIONS))
+    try:
+        engine.add_request("a", [1, 2, 3], SamplingParams(max_tokens=50, ignore_eos=True))
+        engine._proc.kill()  # the GPU process dying under a request (OOM, driver error)
+        engine._proc.join(10)
+        with pytest.raises(EngineProcessError, match="exit"):
+            for _ in range(100):
+                engine.step()
+        with pytest.raises(EngineProcessError, match="exit"):  # also when idle: /health goes 503
+            engine.check_alive()
+    finally:
+        engine.shutdown()
+
+
+def test_wire_messages_round_trip() -> None:
+    """A step message is plain data: pickling it changes nothing, and no cumulative field crosses."""
+    import pickle
+
+    from kiln.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
+    from kiln.server.engine_process import pack_output
+
+    out = RequestOutput("r", None, [1, 2], [CompletionOutput(
+        1, text="ab" * 100, token_ids=list(range(200)), finish_reason="stop", stop_reason="x",
+        logprobs=[TokenLogprob(5, -0.5, [(5, -0.5), (6, -1.0)])], delta_text="b", delta_token_ids=[7],
+        delta_logprobs=[TokenLogprob(7, -0.25, [(7, -0.25)])])], True, RequestMetrics(1.0, 2.0, 3.0, 4.0, 5.0, 6), 6)
+    packed = pack_output(out)
+    assert pickle.loads(pickle.dumps(packed)) == packed
+    assert packed == ("r", True, (1.0, 2.0, 3.0, 4.0, 5.0, 6), 6, [(1, "b", [7], "stop", "x", [(7, -0.25, [(7, -0.25)])])])
