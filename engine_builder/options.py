@@ -45,11 +45,14 @@ def canonical_dtype(name: str) -> str:
     return key
 
 
-def add_build_options(parser: argparse.ArgumentParser, title: str = "build options") -> tuple[str, ...]:
+def add_build_options(parser: argparse.ArgumentParser, title: str = "build options", *,
+                      kv_cache_flag: bool = True) -> tuple[str, ...]:
     """Add the flags that shape an engine; returns their ``dest`` names (see ``build_kwargs``).
 
     Every default is None (or False for switches) so callers can tell "not given". Values are
-    checked by ``build_engine``, whose errors are one line, not by argparse.
+    checked by ``build_engine``, whose errors are one line, not by argparse. ``kv_cache_flag``
+    False leaves ``--kv-cache-dtype`` to the caller (serve-llm has it as an engine option and
+    passes fp8 on to a quantized build: ``with_kv_cache_scales``).
     """
     group = parser.add_argument_group(title)
     actions = [
@@ -75,9 +78,6 @@ def add_build_options(parser: argparse.ArgumentParser, title: str = "build optio
                                 f"per rank (default 128; {', '.join(map(str, INT4_GROUP_SIZES))})"),
         quant.add_argument("--int4-symmetric", action="store_true",
                            help="INT4 without zero points (symmetric groups)"),
-        quant.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
-                           help="fp8: also store per-layer KV-cache scales (kv_cache_quant_algo FP8); with --fp8, "
-                                "--int4-awq or --int4"),
         quant.add_argument("--calib-data", metavar="FILE",
                            help="calibration text: .txt, or .jsonl with a \"text\" field per line (default: the Python "
                                 "Language Reference topics shipped with CPython, pydoc_data)"),
@@ -89,7 +89,18 @@ def add_build_options(parser: argparse.ArgumentParser, title: str = "build optio
                            help=f"held-out windows scored for the perplexity report (default {DEFAULT_QUALITY_SAMPLES}; "
                                 "0 skips the report)"),
     ]
+    if kv_cache_flag:
+        actions.append(quant.add_argument(
+            "--kv-cache-dtype", choices=KV_CACHE_DTYPES,
+            help="fp8: also store per-layer KV-cache scales (kv_cache_quant_algo FP8); with --fp8, --int4-awq or --int4"))
     return tuple(a.dest for a in actions)
+
+
+def with_kv_cache_scales(build_options: dict[str, Any], kv_cache_dtype: str | None) -> dict[str, Any]:
+    """serve-llm's build options: a quantized build of SOURCE served with ``--kv-cache-dtype fp8``
+    also stores calibrated KV-cache scales (else the runtime would use scale 1.0)."""
+    quantized = any(build_options.get(k) for k in ("fp8", "int4_awq", "int4"))
+    return {**build_options, "kv_cache_dtype": "fp8"} if quantized and kv_cache_dtype == "fp8" else build_options
 
 
 def build_kwargs(args: argparse.Namespace, dests: tuple[str, ...]) -> dict[str, Any]:
