@@ -36,6 +36,7 @@ import torch
 
 from kiln.engine_builder.errors import BuildOptionError, EngineFormatError
 from kiln.engine_builder.int4 import INT4_ALGOS, plan_int4_linear
+from kiln.engine_builder.options import DTYPE_NAMES
 from kiln.engine_builder.writer import read_header
 
 FORMAT_NAME = "kiln-engine"
@@ -43,7 +44,7 @@ FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
 CONFIG_FILE = "config.json"
 MANIFEST_FILE = "kiln.json"
-DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}  # names: options.DTYPE_NAMES
 
 EMBEDDING = "transformer.vocab_embedding.weight"
 FINAL_NORM = "transformer.ln_f.weight"

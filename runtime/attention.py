@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from kiln.runtime import fp8_kv, layers
+from kiln.scheduler.block_manager import cdiv
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def _attend_group(
     tok_idx = torch.arange(num_tokens, device=device) - query_start_loc[:-1].long()[seq_idx]
 
     # Gather each sequence's context into [B, S, Hkv, D].
-    num_blocks = -(-max_seq_len // block_size)
+    num_blocks = cdiv(max_seq_len, block_size)
     table = block_tables[:, :num_blocks].long().clamp_min(0)
     keys = k_cache[table].flatten(1, 2)[:, :max_seq_len]
     values = v_cache[table].flatten(1, 2)[:, :max_seq_len]

@@ -25,6 +25,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from kiln.scheduler.config import CAPACITY_POLICIES
+
 logger = logging.getLogger(__name__)
 
 HISTORY_HEADER = "## Performance history (bench-llm --record)"
@@ -227,7 +229,7 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, help="longest prompt + output (default: the model's)")
     p.add_argument("--kv-cache-dtype", choices=("auto", "model", "fp8"),
                    help="auto (default): FP8 when the engine has KV scales; model: the model dtype; fp8: always")
-    p.add_argument("--capacity-policy", choices=("guaranteed_no_evict", "max_utilization"),
+    p.add_argument("--capacity-policy", choices=CAPACITY_POLICIES,
                    help="scheduler: reserve every request's prompt + max_tokens up front (default), or admit "
                         "while blocks last and preempt when they run out")
     p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kiln.engine_builder.options import DTYPE_NAMES  # both pure Python: no torch at import
+from kiln.scheduler.config import CAPACITY_POLICIES
+
 if TYPE_CHECKING:
     import torch
 
@@ -19,8 +22,6 @@ if TYPE_CHECKING:
 KV_CACHE_DTYPES = ("auto", "model", "fp8")
 _DEVICES = ("auto", "cpu", "cuda")
 _ATTENTION_BACKENDS = ("auto", "triton", "torch")
-_CAPACITY_POLICIES = ("guaranteed_no_evict", "max_utilization")
-_DTYPES = ("float32", "float16", "bfloat16")
 
 
 class EngineConfigError(ValueError):
@@ -67,8 +68,8 @@ class EngineConfig:
             )
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise EngineConfigError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
-        if self.capacity_policy not in _CAPACITY_POLICIES:
-            raise EngineConfigError(f"capacity_policy must be one of {_CAPACITY_POLICIES}, got {self.capacity_policy!r}")
+        if self.capacity_policy not in CAPACITY_POLICIES:
+            raise EngineConfigError(f"capacity_policy must be one of {CAPACITY_POLICIES}, got {self.capacity_policy!r}")
         for name in ("max_num_tokens", "max_batch_size", "block_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -102,8 +103,8 @@ class EngineConfig:
         On CUDA the engine's dtype. On the CPU always float32: bf16/fp16 matmuls there are
         slow and round differently from the references we test against.
         """
-        if engine_dtype not in _DTYPES:
-            raise EngineConfigError(f"unsupported engine dtype {engine_dtype!r}; expected one of {sorted(_DTYPES)}")
+        if engine_dtype not in DTYPE_NAMES:
+            raise EngineConfigError(f"unsupported engine dtype {engine_dtype!r}; expected one of {sorted(DTYPE_NAMES)}")
         import torch
 
         if self.torch_device.type == "cpu":

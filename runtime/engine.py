@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.engine_builder.format import load_engine
+from kiln.engine_builder.source import TOKENIZER_FILES
 from kiln.runtime.config import EngineConfig
 from kiln.runtime.executor import Executor, FatalEngineError, make_executor
 from kiln.runtime.model_runner import EngineShutDownError, ModelRunner, StepHandle
@@ -36,7 +37,6 @@ from kiln.scheduler.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 @dataclasses.dataclass
@@ -199,9 +199,6 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._parents) or self.scheduler.has_unfinished_requests()
-
-    def get_num_unfinished_requests(self) -> int:
-        return len(self._parents)
 
     # ------------------------------------------------------------------ the loop
 
@@ -371,7 +368,7 @@ def prepare_prompt(prompt: str | list[int], tokenizer: Any, vocab_size: int) -> 
 
 def load_tokenizer(path: Path) -> Any:
     """The engine directory's tokenizer, or None for engines built without one."""
-    if not any((path / name).exists() for name in _TOKENIZER_FILES):
+    if not any((path / name).exists() for name in TOKENIZER_FILES):
         logger.info("no tokenizer in %s: prompts must be token ids and texts will be empty", path)
         return None
     from transformers import AutoTokenizer  # heavy import, only when there is a tokenizer

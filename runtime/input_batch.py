@@ -28,6 +28,7 @@ from kiln.runtime.attention import AttentionMetadata
 from kiln.runtime.prompt_logprobs import PromptLogprobsBatch, plan_prompt_logprobs
 from kiln.runtime.sampler import SamplingMetadata, SamplingRows
 from kiln.runtime.staging import Staging
+from kiln.scheduler.block_manager import cdiv
 from kiln.scheduler.interface import SchedulerOutput
 from kiln.scheduler.sampling_params import SamplingParams
 
@@ -113,7 +114,7 @@ class InputBatch:
         self.max_batch_size, self.max_model_len = max_batch_size, max_model_len
         self.block_size, self.num_blocks, self.vocab_size = block_size, num_blocks, vocab_size
         self.device = device
-        self.max_blocks_per_seq = -(-(max_model_len + 1) // block_size)
+        self.max_blocks_per_seq = cdiv(max_model_len + 1, block_size)
         self.token_ids = np.zeros((max_batch_size, max_model_len + 1), dtype=np.int64)
         self.block_table = np.zeros((max_batch_size, self.max_blocks_per_seq), dtype=np.int32)
         self.num_tokens = np.zeros(max_batch_size, dtype=np.int64)
@@ -240,7 +241,7 @@ class InputBatch:
             counts = np.fromiter(scheduled.values(), dtype=np.int64, count=len(scheduled))
             end = self.num_computed[rows] + counts
             if not ((end > self.num_tokens[rows] + self.num_pending[rows])
-                    | (-(-end // self.block_size) > self.num_blocks_of[rows])).any():
+                    | (cdiv(end, self.block_size) > self.num_blocks_of[rows])).any():
                 return set()
         ids = list(scheduled)
         states = [requests.get(r) for r in ids]
@@ -251,7 +252,7 @@ class InputBatch:
         rows = np.fromiter((row for _, row in known), dtype=np.int64, count=len(known))
         counts = np.fromiter((so.num_scheduled_tokens[r] for r, _ in known), dtype=np.int64, count=len(known))
         end = self.num_computed[rows] + counts
-        wrong = (end > self.num_tokens[rows] + self.num_pending[rows]) | (-(-end // self.block_size) > self.num_blocks_of[rows])
+        wrong = (end > self.num_tokens[rows] + self.num_pending[rows]) | (cdiv(end, self.block_size) > self.num_blocks_of[rows])
         for i in np.flatnonzero(wrong):
             r, row = known[i]
             logger.warning("request %s scheduled up to token %d but has %d tokens and %d blocks",
@@ -313,7 +314,7 @@ class InputBatch:
         token_rows = np.repeat(rows, counts)
         positions = np.repeat(starts - query_start_loc[:-1], counts) + np.arange(num_tokens)
         block_ids = self.block_table[token_rows, positions // self.block_size].astype(np.int64)
-        max_blocks = -(-int(seq_lens.max()) // self.block_size)
+        max_blocks = cdiv(int(seq_lens.max()), self.block_size)
         staging = self.staging
         stage = staging.stage
         fill = np.flatnonzero(positions >= self.num_tokens[token_rows])  # pending: on the device
@@ -355,7 +356,7 @@ class InputBatch:
         padded = size or n
         seq_lens = np.ones(padded, dtype=np.int32)
         seq_lens[:n] = positions + 1
-        max_blocks = -(-int(seq_lens[:n].max()) // self.block_size)
+        max_blocks = cdiv(int(seq_lens[:n].max()), self.block_size)
         table = np.zeros((padded, max_blocks), dtype=np.int32)
         table[:n] = self.block_table[rows, :max_blocks]
         slots = np.full(padded, -1, dtype=np.int64)

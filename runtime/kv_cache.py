@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kiln.scheduler.block_manager import cdiv
+
 logger = logging.getLogger(__name__)
 
 _CPU_DEFAULT_MAX_BYTES = 2 << 30
@@ -38,7 +40,7 @@ class KVCacheSpec:
         return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_size * itemsize
 
     def blocks_for_tokens(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return cdiv(num_tokens, self.block_size)
 
 
 def _check_fits(spec: KVCacheSpec, num_blocks: int, max_model_len: int, source: str) -> int:

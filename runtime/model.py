@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kiln.engine_builder.architectures import supported_architectures
 from kiln.runtime.attention import AttentionMetadata, KernelSet
 from kiln.runtime.fp8_kv import FP8_KV_DTYPE, layer_kv_scales
 from kiln.runtime.layers import build_cos_sin_cache, rms_norm
@@ -26,7 +27,9 @@ from kiln.runtime.parallel import SINGLE_RANK, Collectives
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# The builder's registry is the one list: every architecture it converts, this model runs
+# (Qwen2's bias and Qwen3's q/k norm are read from the config flags, not the name).
+SUPPORTED_ARCHITECTURES = tuple(supported_architectures())
 __all__ = ["LlamaFamilyModel", "MissingWeightError", "ModelShape", "UnsupportedModelError"]
 
 

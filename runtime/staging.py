@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kiln.scheduler.block_manager import cdiv
+
 
 class Staging:
     """One pinned host byte buffer and one persistent device byte buffer, carved into a
@@ -28,7 +30,7 @@ class Staging:
         total = 0
         for name, dtype, count in regions:
             self.offset[name] = total
-            total += -(-count * dtype.itemsize // 256) * 256  # 256-byte aligned regions
+            total += cdiv(count * dtype.itemsize, 256) * 256  # 256-byte aligned regions
         self.host_bytes = torch.zeros(total, dtype=torch.uint8, pin_memory=device.type == "cuda")
         self.dev_bytes = torch.zeros(total, dtype=torch.uint8, device=device)
         self.on_cpu = device.type == "cpu"

@@ -23,6 +23,7 @@ from types import FrameType
 from typing import Any
 
 from kiln.engine_builder.options import add_build_options, build_kwargs, with_kv_cache_scales
+from kiln.scheduler.config import CAPACITY_POLICIES
 from kiln.server.config import API_KEY_ENV, ServerConfig, ServerConfigError, build_config, load_yaml
 from kiln.server.launch import bind_socket, exit_on_sigterm, resolve_engine
 
@@ -86,7 +87,7 @@ def _make_parser() -> tuple[argparse.ArgumentParser, tuple[str, ...]]:
     e.add_argument("--kv-cache-dtype", choices=["auto", "model", "fp8"],
                    help="auto: FP8 when the engine has KV scales, else the model dtype (default); model: "
                         "the model dtype; fp8: FP8 even without scales (scale 1.0)")
-    e.add_argument("--capacity-policy", choices=["guaranteed_no_evict", "max_utilization"],
+    e.add_argument("--capacity-policy", choices=CAPACITY_POLICIES,
                    help="guaranteed_no_evict reserves KV for prompt + max_tokens; max_utilization packs and preempts")
     e.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action=_YesNo, value=False,
                    help="disable reuse of KV blocks across requests with a common prefix")

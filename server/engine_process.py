@@ -295,6 +295,7 @@ def _serve(engine: Any, inbox: queue.SimpleQueue, send: Any) -> None:
                 message = inbox.get_nowait()
             except queue.Empty:
                 message = None
+        engine.check_alive()  # a dead tensor-parallel worker ends this process, even when idle
         if engine.has_unfinished_requests():
             outputs = engine.step()
             send(("step", [pack_output(o) for o in outputs], engine.get_stats()))
@@ -308,6 +309,8 @@ def _apply(engine: Any, message: tuple, send: Any) -> None:
         _, request_id, token_ids, params, arrival, priority = message
         try:
             engine.add_request(request_id, token_ids, params, arrival_time=arrival, priority=priority)
+        except FatalEngineError:  # the engine cannot go on: this process ends and says why
+            raise
         except Exception as exc:  # checked by the parent already; report it as a failed request
             send(("step", [(request_id, True, (arrival, None, None, None, None, 0), 0,
                             [(0, "", [], "error", str(exc), None)])], engine.get_stats()))

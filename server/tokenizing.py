@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from kiln.scheduler.block_manager import cdiv
+
 logger = logging.getLogger(__name__)
 
 # ~10 ms of tokenization: below it a request is short and never waits behind a long one.
@@ -73,7 +75,7 @@ class PromptBound:
 
     def min_tokens(self, text: str) -> int:
         counted = len(text.encode("utf-8").translate(None, self.dropped))
-        return -(-counted // self.bytes_per_token)
+        return cdiv(counted, self.bytes_per_token)
 
 
 def prompt_bound(tokenizer: Any) -> PromptBound | None:

@@ -62,40 +62,6 @@ def device_sms(t: torch.Tensor) -> int:
 
 
 @triton.jit
-def _round_to_e4m3(y):
-    """fp32 ``y`` (|y| <= 448) rounded to the nearest E4M3 value, ties to even, still in fp32.
-
-    Normal range: keep 3 of fp32's 23 mantissa bits by integer rounding of the bit pattern (a
-    carry moves into the exponent, as it must). Subnormals (|y| < 2^-6) are multiples of 2^-9:
-    adding and removing 1.5 * 2^23 rounds y * 2^9 to an integer, ties to even."""
-    bits = y.to(tl.uint32, bitcast=True)
-    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
-    subnormal = ((y * 512.0 + 12582912.0) - 12582912.0) * (1.0 / 512.0)
-    return tl.where(tl.abs(y) < 0.015625, subnormal, normal)
-
-
-@triton.jit
-def to_fp8(y, inv_scale):
-    """fp8 E4M3 of fp32 ``y * inv_scale``, saturated to +-448 and rounded to nearest even (the
-    rounding of ``torch.Tensor.to(torch.float8_e4m3fn)``, which the references use).
-
-    The rounding happens in fp32 first, so the cast itself is exact: Triton 3.9's CPU
-    interpreter mis-rounds fp32 -> fp8 at binade edges and for subnormals (125.0 -> 64). On a
-    GPU this equals the hardware conversion and costs a few integer ops per element."""
-    return _round_to_e4m3(tl.clamp(y * inv_scale, -448.0, 448.0)).to(tl.float8e4nv)
-
-
-def check_scale(name: str, scale: torch.Tensor, like: torch.Tensor) -> None:
-    """An FP8 (inverse) scale: fp32, one element, on ``like``'s device."""
-    check(scale.dtype == torch.float32 and scale.numel() == 1 and scale.device == like.device,
-          f"{name} must be one float32 element on {like.device}, got {scale.dtype} {tuple(scale.shape)} "
-          f"on {scale.device}")
-
-
-TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-
-
-@triton.jit
 def fp8_e4m3_round(x, inv_scale):
     """x * inv_scale saturated to +-448 and rounded to nearest-even on the E4M3 grid, as float32.
 
@@ -110,3 +76,18 @@ def fp8_e4m3_round(x, inv_scale):
     magic = (exp_bits + (20 << 23)).to(tl.float32, bitcast=True)
     y = (y + magic) - magic
     return tl.where(x.to(tl.int32, bitcast=True) < 0, -y, y)  # keeps the sign of -0.0 and of underflows
+
+
+@triton.jit
+def to_fp8(y, inv_scale):
+    """fp8 E4M3 of fp32 ``y * inv_scale``, saturated and rounded as ``fp8_e4m3_round`` (the
+    rounding of ``torch.Tensor.to(torch.float8_e4m3fn)``, which the references use); the cast of
+    the already rounded value is exact on every backend."""
+    return fp8_e4m3_round(y, inv_scale).to(tl.float8e4nv)
+
+
+def check_scale(name: str, scale: torch.Tensor, like: torch.Tensor) -> None:
+    """An FP8 (inverse) scale: fp32, one element, on ``like``'s device."""
+    check(scale.dtype == torch.float32 and scale.numel() == 1 and scale.device == like.device,
+          f"{name} must be one float32 element on {like.device}, got {scale.dtype} {tuple(scale.shape)} "
+          f"on {scale.device}")
