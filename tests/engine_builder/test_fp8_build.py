@@ -136,14 +136,16 @@ def _fake_quant_hf(tiny_src: Path, engine_dir: Path):
 
 def test_tiny_fp8_engine_computes_its_fp8_function(tiny_fp8: Path, tiny_src: Path):
     """Teacher-forced logprobs of the FP8 engine (runtime, CPU emulation) against (1) transformers
-    running the engine's own FP8 arithmetic (tight) and (2) the unquantized source (FP8 noise)."""
+    running the engine's own FP8 arithmetic (tight) and (2) the unquantized source (FP8 noise).
+    The KV cache stays in the model dtype: the engine has KV scales, which ``auto`` would use,
+    and the FP8 KV cache has its own tests (tests/runtime, tests/kernels)."""
     from transformers import AutoModelForCausalLM
 
     from kiln.runtime import LLM, SamplingParams
 
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, 1000, (48,), generator=gen).tolist()
-    with LLM(tiny_fp8, device="cpu", max_model_len=128) as llm:
+    with LLM(tiny_fp8, device="cpu", max_model_len=128, kv_cache_dtype="model") as llm:
         out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=4, temperature=0.0, prompt_logprobs=1),
                            use_tqdm=False)[0]
     got = torch.tensor([entry.logprob for entry in out.prompt_logprobs[1:]], dtype=torch.float64)
