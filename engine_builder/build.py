@@ -31,6 +31,9 @@ from kiln.engine_builder.format import (
     source_tensors,
 )
 from kiln.engine_builder.options import DtypeError, canonical_dtype
+from kiln.engine_builder.quality import format_quality, quality_report
+from kiln.engine_builder.int4_quantize import Int4Options
+from kiln.engine_builder.quantize import Fp8Options, prepare, quantization_options, quantized_model_config
 from kiln.engine_builder.random_weights import RandomSource, load_preset
 from kiln.engine_builder.source import TOKENIZER_FILES, HFCheckpoint, TensorSource, resolve_source
 from kiln.engine_builder.writer import StreamingSafetensorsWriter, TensorSpec, file_size
@@ -51,14 +54,19 @@ class BuildSummary:
     rank_bytes: tuple[int, ...]
     seconds: float
     peak_rss_bytes: int
+    quant_algo: str | None = None
+    quality: dict[str, Any] | None = None
 
     def format(self) -> str:
+        quant = f"   quantization: {self.quant_algo}" if self.quant_algo else ""
         lines = [
             f"built {self.architecture} engine in {self.output}",
-            f"  parameters: {self.num_parameters / 1e6:,.1f} M   dtype: {self.dtype}   tp: {self.tp_size}",
+            f"  parameters: {self.num_parameters / 1e6:,.1f} M   dtype: {self.dtype}   tp: {self.tp_size}{quant}",
         ]
         lines += [f"  {rank_file(r)}: {n / 1e6:,.1f} MB" for r, n in enumerate(self.rank_bytes)]
         lines.append(f"  time: {self.seconds:.1f} s   peak RSS: {self.peak_rss_bytes / 2**20:,.0f} MiB")
+        if self.quality:
+            lines.append(format_quality(self.quality))
         return "\n".join(lines)
 
 
@@ -84,9 +92,25 @@ def build_engine(
     progress: bool = True,
     random_weights: str | None = None,
     seed: int = 0,
+    fp8: Fp8Options | bool | None = None,
+    int4_awq: bool = False,
+    int4: Int4Options | bool | None = None,
+    group_size: int | None = None,
+    int4_symmetric: bool = False,
+    kv_cache_dtype: str | None = None,
+    calib_data: str | None = None,
+    calib_samples: int | None = None,
+    calib_seq_len: int | None = None,
+    quality_samples: int | None = None,
 ) -> BuildSummary:
-    """Convert ``source`` (HF directory or alias) or a random-weight preset into an engine dir."""
+    """Convert ``source`` (HF directory or alias) or a random-weight preset into an engine dir.
+    ``fp8`` (calibrated FP8), ``int4_awq`` (INT4 with AWQ) or ``int4`` (INT4, round-to-nearest)
+    quantize it (engine_builder/quantize.py): True with the other keywords (the build options'
+    flags, options.py) filling in the options, or an Fp8Options / Int4Options."""
     start = time.time()
+    quant = quantization_options(fp8, int4, int4_awq, group_size, int4_symmetric, kv_cache_dtype, calib_data=calib_data,
+                                 calib_samples=calib_samples, calib_seq_len=calib_seq_len,
+                                 quality_samples=quality_samples)
     if dtype is not None:
         try:
             dtype = canonical_dtype(dtype)  # also accepts fp16, bf16, fp32, half, float
@@ -98,25 +122,46 @@ def build_engine(
     arch = get_architecture(src.config)
     mc = arch.model_config(src.config, tp, dtype)
     _check_source(src, source_tensors(mc, arch.names), mc)
-    plans = [plan_rank(mc, arch.names, r) for r in range(tp)]
-    specs = [[TensorSpec(t.name, mc.torch_dtype, t.shape) for t in plan] for plan in plans]
+    num_params = sum(math.prod(t.shape) for t in source_tensors(mc, arch.names).values())
     out = Path(output)
-    _check_output(out, force, sum(file_size(s) for s in specs))
+    built_mc = quantized_model_config(mc, quant) if quant is not None else mc
+    _check_output(out, force, _expected_bytes(built_mc, arch.names))
+    quantized = prepare(src, src_dir, built_mc, arch.names, quant, progress) if quant is not None else None
+    target = (quantized.source, built_mc) if quantized else (src, mc)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; an engine dir is an ordinary folder
-        ranks = _write_ranks(src, plans, specs, tmp, mc.torch_dtype, progress)
-        num_params = sum(math.prod(t.shape) for t in source_tensors(mc, arch.names).values())
-        _write_metadata(tmp, mc, src, src_dir, ranks, num_params)
+        record = quantized.record if quantized else None
+        ranks = write_engine_dir(*target, arch.names, src_dir, tmp, num_params, progress, record)
+        if quantized is not None and quantized.calibration is not None and quant.quality_samples > 0:
+            record["quality"] = quality_report(tmp, src, src_dir, mc, arch.names, quantized, quant, progress)
+            _write_manifest(tmp, target[1], target[0], ranks, num_params, record)
         _replace(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     summary = BuildSummary(
-        out, mc.architecture, mc.dtype, tp, num_params, tuple(r["size"] for r in ranks), time.time() - start, peak_rss_bytes()
+        out, mc.architecture, mc.dtype, tp, num_params, tuple(r["size"] for r in ranks), time.time() - start,
+        peak_rss_bytes(), target[1].quant_algo, (record or {}).get("quality"),
     )
     logger.info("%s", summary.format())
     return summary
+
+
+def write_engine_dir(src: TensorSource, mc: ModelConfig, names: dict[str, str], src_dir: Path | None, out: Path,
+                     num_params: int, progress: bool, quantization: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Write every file of an engine of ``mc`` from ``src`` into the existing folder ``out``."""
+    plans = [plan_rank(mc, names, r) for r in range(mc.tp_size)]
+    specs = [[TensorSpec(t.name, t.dtype or mc.torch_dtype, t.shape) for t in plan] for plan in plans]
+    ranks = _write_ranks(src, plans, specs, out, progress)
+    _write_metadata(out, mc, src, src_dir)
+    _write_manifest(out, mc, src, ranks, num_params, quantization)
+    return ranks
+
+
+def _expected_bytes(mc: ModelConfig, names: dict[str, str]) -> int:
+    return sum(file_size([TensorSpec(t.name, t.dtype or mc.torch_dtype, t.shape) for t in plan_rank(mc, names, r)])
+               for r in range(mc.tp_size))
 
 
 def _open_source(
@@ -162,20 +207,20 @@ def _check_output(out: Path, force: bool, expected_bytes: int) -> None:
 class _PieceReader:
     """Reads plan pieces, keeping the last whole tensor so tp ranks slicing it share one read."""
 
-    def __init__(self, src: TensorSource, dtype: torch.dtype):
-        self.src, self.dtype = src, dtype
-        self._cached: tuple[str, torch.Tensor] | None = None
+    def __init__(self, src: TensorSource):
+        self.src = src
+        self._cached: tuple[str, torch.dtype, torch.Tensor] | None = None
 
-    def __call__(self, piece: Piece, shape: tuple[int, ...]) -> list[torch.Tensor]:
-        """The piece as dim-0 blocks in the build dtype."""
+    def __call__(self, piece: Piece, shape: tuple[int, ...], dtype: torch.dtype) -> list[torch.Tensor]:
+        """The piece as dim-0 blocks in ``dtype`` (the output tensor's)."""
         if piece.source is None:
-            return [torch.zeros((piece.num_rows, *shape[1:]), dtype=self.dtype)]
+            return [torch.zeros((piece.num_rows, *shape[1:]), dtype=dtype)]
         if piece.rows is not None:
-            return [p.to(self.dtype) for p in self.src.read_parts(piece.source, piece.rows)]
-        if self._cached is None or self._cached[0] != piece.source:
+            return [p.to(dtype) for p in self.src.read_parts(piece.source, piece.rows)]
+        if self._cached is None or self._cached[:2] != (piece.source, dtype):
             self._cached = None  # drop the old tensor before reading the next
-            self._cached = (piece.source, self.src.read(piece.source).to(self.dtype))
-        full = self._cached[1]
+            self._cached = (piece.source, dtype, self.src.read(piece.source).to(dtype))
+        full = self._cached[2]
         return [full if piece.cols is None else full[:, piece.cols[0] : piece.cols[1]]]
 
 
@@ -213,20 +258,19 @@ class _BackgroundWriter:
 
 
 def _write_ranks(
-    src: TensorSource, plans: list[list[OutputTensor]], specs: list[list[TensorSpec]], out: Path,
-    dtype: torch.dtype, progress: bool,
+    src: TensorSource, plans: list[list[OutputTensor]], specs: list[list[TensorSpec]], out: Path, progress: bool,
 ) -> list[dict[str, Any]]:
     """Stream every rank file at once, one output tensor (all ranks) at a time."""
     from tqdm import tqdm
 
     writers = [StreamingSafetensorsWriter(out / rank_file(r), s, {"format": "pt"}) for r, s in enumerate(specs)]
-    read = _PieceReader(src, dtype)
+    read = _PieceReader(src)
     background = _BackgroundWriter()
     try:
         for index in tqdm(range(len(plans[0])), desc="build-llm", unit="tensor", disable=not progress):
-            for writer, plan in zip(writers, plans):
+            for writer, plan, spec in zip(writers, plans, specs):
                 tensor = plan[index]
-                parts = [block for piece in tensor.pieces for block in read(piece, tensor.shape)]
+                parts = [block for piece in tensor.pieces for block in read(piece, tensor.shape, spec[index].dtype)]
                 background.submit(writer, tensor.name, parts)
         background.finish()
         for writer in writers:
@@ -241,10 +285,8 @@ def _write_ranks(
     return [{"file": w.path.name, "size": w.bytes_written, "sha256": w.sha256} for w in writers]
 
 
-def _write_metadata(
-    out: Path, mc: ModelConfig, src: TensorSource, src_dir: Path | None, ranks: list[dict[str, Any]], num_params: int
-) -> None:
-    """config.json, tokenizer files, generation_config.json and kiln.json."""
+def _write_metadata(out: Path, mc: ModelConfig, src: TensorSource, src_dir: Path | None) -> None:
+    """config.json, tokenizer files and generation_config.json."""
     import json
 
     (out / CONFIG_FILE).write_text(json.dumps(mc.to_trtllm_config(), indent=2) + "\n")
@@ -258,8 +300,15 @@ def _write_metadata(
     else:
         ids = {k: src.config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if src.config.get(k) is not None}
         (out / "generation_config.json").write_text(json.dumps(ids, indent=2) + "\n")
+
+
+def _write_manifest(out: Path, mc: ModelConfig, src: TensorSource, ranks: list[dict[str, Any]], num_params: int,
+                    quantization: dict[str, Any] | None) -> None:
+    """kiln.json (rewritten once the quality report of a quantized build is known)."""
+    import json
+
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    manifest = make_manifest(mc, src.describe(), ranks, num_params, kiln_version(), created)
+    manifest = make_manifest(mc, src.describe(), ranks, num_params, kiln_version(), created, quantization)
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
 
 

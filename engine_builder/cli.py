@@ -17,6 +17,8 @@ examples:
       a Hugging Face model directory, split over 2 GPUs
   build-llm --random-weights llama-3.1-8b --output engines/rand8b --force
       random weights shaped like Llama-3.1-8B (for benchmarks; no tokenizer)
+  build-llm /models/Llama-3.1-8B-Instruct --output engines/llama8b-fp8 --fp8 --kv-cache-dtype fp8
+      FP8 weights and activations (calibrated; prints a perplexity report) and an FP8 KV cache
 
 supported architectures: {architectures}
 The output follows TensorRT-LLM's checkpoint layout (config.json, rank{{N}}.safetensors) plus

@@ -10,6 +10,18 @@ Splits (per rank r of tp): attention.qkv stores cat(q_r, k_r, v_r) (KV heads dup
 when there are fewer than tp of them); dense and mlp.proj split dim 1 (row parallel);
 mlp.fc (= gate_proj), mlp.gate (= up_proj) and lm_head split dim 0, lm_head padded with zero
 rows up to a multiple of tp; everything else is replicated.
+
+FP8 engines (quant_algo "FP8"): each linear of ``QUANTIZED_MODULES`` stores its weight as
+float8_e4m3fn plus ``weights_scaling_factor`` and ``activation_scaling_factor`` (float32, (1,),
+dequantization scales, the same on every rank); with kv_cache_quant_algo "FP8" each layer adds
+``attention.kv_cache_scaling_factor``. The embedding and lm_head stay in the model dtype
+(``exclude_modules``). The scale tensors' plan pieces name the scale itself (the quantizing
+source serves it under that name).
+
+INT4 engines (quant_algo "W4A16_AWQ" / "W4A16", group_size, has_zero_point, pre_quant_scale):
+each linear stores its packed int4 weight, ``weights_scaling_factor`` and, per those flags,
+``zero`` and ``prequant_scaling_factor`` (layout and numerics: engine_builder/int4.py); the
+quantizing source serves each rank's tensor whole (``int4.int4_piece``).
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ from typing import Any
 import torch
 
 from kiln.engine_builder.errors import BuildOptionError, EngineFormatError
+from kiln.engine_builder.int4 import INT4_ALGOS, plan_int4_linear
 from kiln.engine_builder.options import DTYPE_NAMES
 from kiln.engine_builder.writer import read_header
 
@@ -37,6 +50,18 @@ EMBEDDING = "transformer.vocab_embedding.weight"
 FINAL_NORM = "transformer.ln_f.weight"
 LM_HEAD = "lm_head.weight"
 LAYER = "transformer.layers.{l}."
+FP8 = torch.float8_e4m3fn
+QUANTIZED_MODULES = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")
+WEIGHT_SCALE = "weights_scaling_factor"
+INPUT_SCALE = "activation_scaling_factor"
+KV_CACHE_SCALE = "attention.kv_cache_scaling_factor"
+FP8_EXCLUDED_MODULES = ["lm_head", "transformer.vocab_embedding"]
+
+
+def fp8_quantization(kv_cache_fp8: bool) -> dict[str, Any]:
+    """config.json ``quantization`` of an FP8 engine (TensorRT-LLM's fields)."""
+    return {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8" if kv_cache_fp8 else None, "group_size": 128,
+            "has_zero_point": False, "pre_quant_scale": False, "exclude_modules": list(FP8_EXCLUDED_MODULES)}
 
 
 def rank_file(rank: int) -> str:
@@ -102,6 +127,10 @@ class ModelConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def kv_cache_quant_algo(self) -> str | None:
+        return (self.quantization or {}).get("kv_cache_quant_algo")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -214,11 +243,13 @@ class Piece:
 
 @dataclass(frozen=True)
 class OutputTensor:
-    """One tensor of one rank file, and how to assemble it from the source."""
+    """One tensor of one rank file, and how to assemble it from the source; ``dtype`` None
+    means the model dtype."""
 
     name: str
     shape: tuple[int, ...]
     pieces: tuple[Piece, ...]
+    dtype: torch.dtype | None = None
 
 
 @dataclass(frozen=True)
@@ -273,22 +304,50 @@ def plan_rank(mc: ModelConfig, names: dict[str, str], rank: int) -> list[OutputT
     for layer in range(mc.num_hidden_layers):
         src = {key: tmpl.format(l=layer) for key, tmpl in names.items()}
         pre = LAYER.format(l=layer)
+        linear = _linear_planner(mc, pre, out, rank)
         out.append(OutputTensor(pre + "input_layernorm.weight", (h,), (Piece(src["input_norm"]),)))
-        out.append(OutputTensor(pre + "attention.qkv.weight", (qkv_rows, h), _qkv_pieces(mc, src, rank, "")))
+        linear("attention.qkv", (qkv_rows, h), _qkv_pieces(mc, src, rank, ""))
         if mc.qkv_bias:
             out.append(OutputTensor(pre + "attention.qkv.bias", (qkv_rows,), _qkv_pieces(mc, src, rank, "_bias")))
         if mc.qk_norm:
             out.append(OutputTensor(pre + "attention.q_layernorm.weight", (d,), (Piece(src["q_norm"]),)))
             out.append(OutputTensor(pre + "attention.k_layernorm.weight", (d,), (Piece(src["k_norm"]),)))
         q_cols = _span(rank, mc.num_heads_per_rank * d)
-        out.append(OutputTensor(pre + "attention.dense.weight", (h, q_cols[1] - q_cols[0]), (Piece(src["o"], cols=q_cols),)))
+        linear("attention.dense", (h, q_cols[1] - q_cols[0]), (Piece(src["o"], cols=q_cols),))
+        if mc.kv_cache_quant_algo == "FP8":
+            out.append(_scale(pre + KV_CACHE_SCALE))
         out.append(OutputTensor(pre + "post_layernorm.weight", (h,), (Piece(src["post_norm"]),)))
-        out.append(OutputTensor(pre + "mlp.fc.weight", (inter, h), (Piece(src["gate"], _span(rank, inter)),)))
-        out.append(OutputTensor(pre + "mlp.gate.weight", (inter, h), (Piece(src["up"], _span(rank, inter)),)))
-        out.append(OutputTensor(pre + "mlp.proj.weight", (h, inter), (Piece(src["down"], cols=_span(rank, inter)),)))
+        linear("mlp.fc", (inter, h), (Piece(src["gate"], _span(rank, inter)),))
+        linear("mlp.gate", (inter, h), (Piece(src["up"], _span(rank, inter)),))
+        linear("mlp.proj", (h, inter), (Piece(src["down"], cols=_span(rank, inter)),))
     out.append(OutputTensor(FINAL_NORM, (h,), (Piece(names["final_norm"]),)))
     out.append(_lm_head(mc, names, rank))
     return out
+
+
+def _scale(name: str) -> OutputTensor:
+    """A per-tensor FP8 scale: float32 (1,), served by the quantizing source under its own name."""
+    return OutputTensor(name, (1,), (Piece(name),), torch.float32)
+
+
+def _linear_planner(mc: ModelConfig, prefix: str, out: list[OutputTensor], rank: int):
+    """Appends a linear's weight (fp8 in an FP8 engine, then its two scales; INT4 tensors in an
+    INT4 engine, engine_builder/int4.py) to ``out``."""
+    fp8 = mc.quant_algo == "FP8"
+    if mc.quant_algo not in (None, "FP8", *INT4_ALGOS):
+        raise BuildOptionError(f"quant_algo {mc.quant_algo!r} has no engine layout in this Kiln "
+                               f"(supported: FP8, {', '.join(INT4_ALGOS)})")
+
+    def add(module: str, shape: tuple[int, ...], pieces: tuple[Piece, ...]) -> None:
+        name = prefix + module
+        if mc.quant_algo in INT4_ALGOS:
+            out.extend(plan_int4_linear(name + ".weight", shape, rank, mc.tp_size, mc.quantization))
+            return
+        out.append(OutputTensor(name + ".weight", shape, pieces, FP8 if fp8 else None))
+        if fp8:
+            out.extend((_scale(f"{name}.{WEIGHT_SCALE}"), _scale(f"{name}.{INPUT_SCALE}")))
+
+    return add
 
 
 def _lm_head(mc: ModelConfig, names: dict[str, str], rank: int) -> OutputTensor:
@@ -306,9 +365,10 @@ def _lm_head(mc: ModelConfig, names: dict[str, str], rank: int) -> OutputTensor:
 
 def make_manifest(
     mc: ModelConfig, source: dict[str, Any], ranks: list[dict[str, Any]], num_parameters: int,
-    kiln_version: str, created: str,
+    kiln_version: str, created: str, quantization: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """kiln.json: what was built from what. ``ranks``: [{"file", "size", "sha256"}] per rank."""
+    """kiln.json: what was built from what. ``ranks``: [{"file", "size", "sha256"}] per rank;
+    ``quantization``: the quantizer's record (recipe, calibration set, quality report)."""
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -318,7 +378,8 @@ def make_manifest(
         "architecture": mc.architecture,
         "dtype": mc.dtype,
         "mapping": {"tp_size": mc.tp_size, "pp_size": mc.pp_size, "world_size": mc.tp_size * mc.pp_size},
-        "quantization": {"quant_algo": mc.quant_algo},
+        "quantization": {"quant_algo": mc.quant_algo, "kv_cache_quant_algo": mc.kv_cache_quant_algo,
+                         **(quantization or {})},
         "num_parameters": num_parameters,
         "ranks": ranks,
     }

@@ -63,6 +63,10 @@ class RandomSource:
     def describe(self) -> dict[str, Any]:
         return {"random_weights": self.preset, "seed": self.seed, "architecture": self.config["architectures"][0]}
 
+    def weight_amax(self) -> float:
+        """The largest |value| any weight can hold (every weight is a window of the pool)."""
+        return float(self._pool_tensor().abs().max())
+
     def _pool_tensor(self) -> torch.Tensor:
         if self._pool is None:
             gen = torch.Generator().manual_seed(self.seed)

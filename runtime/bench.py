@@ -1,7 +1,7 @@
 """`bench-llm`: offline throughput, batch-1 latency, and load against a running server.
 
     bench-llm throughput ENGINE --isl 128 --osl 128 --num-requests 3000
-    bench-llm latency ENGINE --isl 128 --osl 128
+    bench-llm latency ENGINE --isl 128 --osl 128 [--batch 8]
     bench-llm serve URL --num-requests 256 --concurrency 32
 
 Throughput follows trtllm-bench: synthetic random-token prompts of a fixed length,
@@ -97,7 +97,7 @@ def _spec_figures(engine) -> dict[str, float]:
             "accepted_tokens": spec.num_accepted_tokens}
 
 
-_WORKLOAD_ARGS = ("isl", "osl", "num_requests", "iterations", "warmup", "seed")
+_WORKLOAD_ARGS = ("isl", "osl", "num_requests", "batch", "iterations", "warmup", "seed")
 _ENGINE_FIELDS = ("max_batch_size", "max_num_tokens", "capacity_policy", "enable_prefix_caching", "enforce_eager",
                   "attention_backend", "kv_cache_fraction", "speculative")
 
@@ -165,22 +165,26 @@ def run_latency(args: argparse.Namespace) -> BenchResult:
     engine = _make_engine(args)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=args.osl, ignore_eos=True, temperature=0.0)
+    batch = args.batch
     ttfts, decode_rates = [], []
     for it in range(args.warmup + args.iterations):
-        prompt = _synthetic_prompts(1, args.isl, vocab, args.seed + it)[0]
-        engine.add_request(f"lat-{it}", prompt, params)
+        for b, prompt in enumerate(_synthetic_prompts(batch, args.isl, vocab, args.seed + it * batch)):
+            engine.add_request(f"lat-{it}-{b}", prompt, params)
         t0 = time.perf_counter()
         t_first = None
-        n = 0
+        n, started = 0, set()
         while engine.has_unfinished_requests():
             for out in engine.step():
-                n += sum(len(c.delta_token_ids) for c in out.outputs)
-            if t_first is None and n > 0:
+                tokens = sum(len(c.delta_token_ids) for c in out.outputs)
+                n += tokens
+                if tokens:
+                    started.add(out.request_id)
+            if t_first is None and len(started) == batch:  # every sequence has its first token
                 t_first = time.perf_counter()
         t_end = time.perf_counter()
         if it >= args.warmup:
             ttfts.append(t_first - t0)
-            decode_rates.append((n - 1) / (t_end - t_first))
+            decode_rates.append((n - batch) / (t_end - t_first))
     ttfts.sort()
     decode_rates.sort()
     figures = {
@@ -265,6 +269,13 @@ def record(result: BenchResult, command: str, path: Path) -> None:
     path.write_text(head + sep + "\n".join(lines))
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("engine", help="engine directory made by build-llm")
     p.add_argument("--isl", type=int, default=128, help="input (prompt) length in tokens (default 128)")
@@ -304,9 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     tp = sub.add_parser("throughput", help="offline throughput, all requests at t=0 (like trtllm-bench)")
     _add_engine_options(tp)
     tp.add_argument("--num-requests", type=int, default=1000, help="number of requests (default 1000)")
-    lat = sub.add_parser("latency", help="batch-1 time to first token and decode tokens/s")
+    lat = sub.add_parser("latency", help="time to first token and decode tokens/s at batch 1 (or --batch N)")
     _add_engine_options(lat)
     lat.add_argument("--iterations", type=int, default=3, help="timed runs (default 3)")
+    lat.add_argument("--batch", type=_positive_int, default=1, metavar="N",
+                     help="sequences decoded together, started at once (default 1); decode tok/s counts all of them")
     sub.add_parser("serve", help="load against a running server (see `bench-llm serve --help`)", add_help=False)
     return parser
 

@@ -56,16 +56,23 @@ def fused_linear(
     silu_and_mul(x) with ``silu_mul``, else x: the small-batch decode op that the Triton
     ``gemv`` fuses into one launch. Rounding points as the unfused chain: the normed (or
     activated) input and the product are rounded to x's dtype, the residual add is fp32."""
-    if norm_weight is not None:
-        x32 = x.float()
-        x = (x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps) * norm_weight.float()).to(x.dtype)
-    elif silu_mul:
-        gate, up = x.float().chunk(2, dim=-1)
-        x = (F.silu(gate) * up).to(x.dtype)
+    x = linear_prologue(x, norm_weight, eps, silu_mul)
     out = F.linear(x, weight)
     if residual is not None:
         out = (residual.float() + out.float()).to(x.dtype)
     return out
+
+
+def linear_prologue(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, silu_mul: bool) -> torch.Tensor:
+    """``fused_linear``'s input: rms_norm(x) (fp32, one rounding to x's dtype) with ``norm_weight``,
+    silu_and_mul(x) with ``silu_mul``, else x."""
+    if norm_weight is not None:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps) * norm_weight.float()).to(x.dtype)
+    if silu_mul:
+        gate, up = x.float().chunk(2, dim=-1)
+        return (F.silu(gate) * up).to(x.dtype)
+    return x
 
 
 def apply_rotary(

@@ -147,6 +147,8 @@ LINEAR_METHODS: dict[str | None, type[LinearMethod]] = {None: UnquantizedLinear}
 
 
 def linear_method_for(quant_algo: str | None) -> type[LinearMethod]:
+    import kiln.runtime.quant  # noqa: F401  (registers the quantized methods: runtime/quant/)
+
     method = LINEAR_METHODS.get(quant_algo)
     if method is None:
         supported = ", ".join(sorted(str(k) for k in LINEAR_METHODS))

@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
-# Offline GPU benchmark of Kiln on a random-weight Llama-3.1-8B-shaped engine (bf16).
+# Offline GPU benchmark of Kiln on a random-weight Llama-3.1-8B-shaped engine (bf16, FP8 or INT4).
 #
 #   RUNS="tests profile latency tp128 tp1000 tp2048" scripts/gpu_bench.sh
+#   PRECISION=fp8 RUNS="latency tp128 tp1000 tp2048" scripts/gpu_bench.sh
+#   PRECISION=int4 RUNS="latency latency8 tp128" scripts/gpu_bench.sh
+#
+# PRECISION=fp8 builds `--random-weights llama-3.1-8b --fp8 --kv-cache-dtype fp8` (FP8 linears,
+# KV-cache scales) into $ENGINE, default /dev/shm/kiln-rand8b-fp8 (tmpfs: the build and the
+# load skip the disk), and runs the same benchmarks on it; PRECISION=int4 builds `--int4-awq`
+# (W4A16, group 128, zero points; no calibration for random weights) into /dev/shm/kiln-rand8b-int4.
 #
 # Runs (default: "latency tp128"):
 #   tests     GPU pytest of the runtime (CUDA graphs vs eager, runner vs transformers)
 #   profile   per-step host/GPU time split of decode steps (scripts/profile_decode.py);
 #             PROFILES="1 256 256e 1et" picks batch sizes, e = enforce_eager, t = per-kernel trace
 #   latency   bench-llm latency, 128/128, batch 1
+#   latency8  bench-llm latency --batch 8, 128/128 (8 sequences decoded together)
 #   tp128     bench-llm throughput 128/128 x N128 requests   (N128, default 3000)
 #   tp1000    bench-llm throughput 1000/1000 x N1000 requests (N1000, default 1000)
 #   tp2048    bench-llm throughput 2048/128 x N2048 requests  (N2048, default 1000)
@@ -28,8 +36,15 @@ REPO=$PWD
 RUNS=${RUNS:-"latency tp128"}
 TP=${TP:-1}
 PRESET=${PRESET:-llama-3.1-8b}
-ENGINE=${ENGINE:-/dev/shm/kiln-rand8b$([ "$TP" = 1 ] || echo "-tp$TP")}
-ENGINE_TP1=${ENGINE_TP1:-/dev/shm/kiln-rand8b}
+PRECISION=${PRECISION:-bf16}
+case $PRECISION in
+    bf16) SUFFIX=; BUILD_ARGS=() ;;
+    fp8) SUFFIX=-fp8; BUILD_ARGS=(--fp8 --kv-cache-dtype fp8) ;;
+    int4) SUFFIX=-int4; BUILD_ARGS=(--int4-awq) ;;
+    *) echo "PRECISION must be bf16, fp8 or int4"; exit 2 ;;
+esac
+ENGINE=${ENGINE:-/dev/shm/kiln-rand8b$SUFFIX$([ "$TP" = 1 ] || echo "-tp$TP")}
+ENGINE_TP1=${ENGINE_TP1:-/dev/shm/kiln-rand8b$SUFFIX}
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0} TORCH_SYMM_MEM_DISABLE_MULTICAST=${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1} \
     NVSHMEM_DISABLE_NVLS=${NVSHMEM_DISABLE_NVLS:-1}
 OUT=${OUT:-/tmp/kiln-bench-out}
@@ -46,8 +61,8 @@ build() {  # build DIR TP
     [ -f "$1/kiln.json" ] && return 0
     local start; start=$(date +%s)
     python3 -m kiln.engine_builder.cli --random-weights "$PRESET" --dtype bfloat16 --tp "$2" --output "$1" --force -q \
-        ${BUILD_FLAGS:-} > "$OUT/build-tp$2.log" 2>&1 || { tail -20 "$OUT/build-tp$2.log"; exit 1; }
-    echo "engine $1 (tp $2) built in $(( $(date +%s) - start )) s"
+        "${BUILD_ARGS[@]}" ${BUILD_FLAGS:-} > "$OUT/build-tp$2.log" 2>&1 || { tail -20 "$OUT/build-tp$2.log"; exit 1; }
+    echo "engine $1 (tp $2, $PRECISION) built in $(( $(date +%s) - start )) s"
 }
 build "$ENGINE" "$TP"
 
@@ -67,7 +82,8 @@ for run in $RUNS; do
     case $run in
         tests)
             python3 -m pytest -q -p no:cacheprovider tests/runtime/test_cuda_graphs.py tests/runtime/test_runner_gpu.py \
-                tests/runtime/test_engine_gpu.py tests/kernels/test_gemv.py \
+                tests/runtime/test_engine_gpu.py tests/kernels/test_gemv.py tests/kernels/test_fp8_kernels.py \
+                tests/kernels/test_int4_kernels.py tests/runtime/test_int4_gpu.py \
                 > "$OUT/tests.log" 2>&1; echo "tests rc=$?: $(tail -1 "$OUT/tests.log")" ;;
         profile)  # one process per configuration: each loads the 16 GB engine
             for prof in ${PROFILES:-1 256 256e}; do  # BATCH[e][t]: e = enforce_eager, t = kernel trace
@@ -78,6 +94,7 @@ for run in $RUNS; do
             done
             grep -v Warning "$OUT/profile.log" ;;
         latency) bench latency latency --isl 128 --osl 128 --iterations 3 ;;
+        latency8) bench latency8 latency --isl 128 --osl 128 --iterations 3 --batch 8 ;;
         tp128) bench tp128 throughput --isl 128 --osl 128 --num-requests "${N128:-3000}" ;;
         tp1000) bench tp1000 throughput --isl 1000 --osl 1000 --num-requests "${N1000:-1000}" ;;
         tp2048) bench tp2048 throughput --isl 2048 --osl 128 --num-requests "${N2048:-1000}" ;;
@@ -96,6 +113,7 @@ for run in $RUNS; do
 done
 
 echo
+echo "engine: $ENGINE ($PRECISION)"
 echo "| run | arguments | figures |"
 echo "|---|---|---|"
 for row in "${SUMMARY[@]}"; do echo "| $row |"; done

@@ -22,7 +22,7 @@ import threading
 from types import FrameType
 from typing import Any
 
-from kiln.engine_builder.options import add_build_options, build_kwargs
+from kiln.engine_builder.options import add_build_options, build_kwargs, with_kv_cache_scales
 from kiln.runtime.config import add_speculative_arguments
 from kiln.scheduler.config import CAPACITY_POLICIES
 from kiln.server.config import API_KEY_ENV, ServerConfig, ServerConfigError, build_config, load_yaml
@@ -103,14 +103,14 @@ def _make_parser() -> tuple[argparse.ArgumentParser, tuple[str, ...]]:
                    help="GPU of each tensor-parallel rank (default 0..tp-1, within CUDA_VISIBLE_DEVICES); "
                         "the engine's tp comes from the engine directory")
     add_speculative_arguments(p.add_argument_group("speculative decoding (off by default)"))
-    return p, add_build_options(p, "build options (when SOURCE is a model to build; as build-llm's)")
+    return p, add_build_options(p, "build options (when SOURCE is a model to build; as build-llm's)", kv_cache_flag=False)
 
 
 def parse_config(argv: list[str] | None) -> ServerConfig:
     parser, build_dests = _make_parser()
     namespace = parser.parse_args(argv)
     args = {k: v for k, v in vars(namespace).items() if k not in build_dests}
-    args["build_options"] = build_kwargs(namespace, build_dests) or None
+    args["build_options"] = with_kv_cache_scales(build_kwargs(namespace, build_dests), namespace.kv_cache_dtype) or None
     yaml_values = load_yaml(args.pop("config")) if args.get("config") else {}
     return build_config(args, yaml_values)
 

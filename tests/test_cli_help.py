@@ -55,3 +55,15 @@ def test_serve_llm_shows_build_llms_build_options():
     serve_options = {o for a in build_parser()._actions for o in a.option_strings}
     build_options = {o for a in make_parser()[0]._actions if a.dest in build_dests for o in a.option_strings}
     assert {"--tp", "--dtype"} <= build_options <= serve_options
+
+
+def test_serve_llm_kv_cache_dtype_is_the_engines_and_reaches_a_quantized_build():
+    """serve-llm's --kv-cache-dtype is the engine option (auto/model/fp8); with a quantization
+    flag, fp8 also asks the build of SOURCE for calibrated KV-cache scales."""
+    from kiln.server.cli import parse_config
+
+    quantized = parse_config(["some-model", "--fp8", "--kv-cache-dtype", "fp8"])
+    assert quantized.build_options == {"fp8": True, "kv_cache_dtype": "fp8"}
+    assert quantized.engine.kv_cache_dtype == "fp8"
+    plain = parse_config(["some-model", "--kv-cache-dtype", "model"])
+    assert not plain.build_options and plain.engine.kv_cache_dtype == "model"

@@ -86,3 +86,36 @@ def copy_smollm2_tokenizer(dest: str | Path) -> None:
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, Path(dest) / name)
+
+
+ENGINE_LINEARS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")
+
+
+def hf_with_engine_weights(src: str | Path, engine: dict[str, torch.Tensor], weight_of: Any,
+                           input_hook_of: Any = None) -> Any:
+    """transformers' model of checkpoint ``src`` (a Llama) computing what a quantized engine
+    computes, without Kiln's runtime: the engine's norms, and for each linear module of
+    ``ENGINE_LINEARS`` the float weight ``weight_of(prefix, module)`` (qkv split back into q, k, v)
+    and, when ``input_hook_of(prefix, module)`` gives one, a forward pre-hook on its input.
+    ``engine``: rank 0's tensors."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    for i, layer in enumerate(model.model.layers):
+        pre = f"transformer.layers.{i}."
+        layer.input_layernorm.weight.data = engine[pre + "input_layernorm.weight"]
+        layer.post_attention_layernorm.weight.data = engine[pre + "post_layernorm.weight"]
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = weight_of(pre, "attention.qkv").split([p.weight.shape[0] for p in (attn.q_proj, attn.k_proj, attn.v_proj)])
+        targets = {"attention.qkv": list(zip((attn.q_proj, attn.k_proj, attn.v_proj), qkv)),
+                   "attention.dense": [(attn.o_proj, weight_of(pre, "attention.dense"))],
+                   "mlp.fc": [(mlp.gate_proj, weight_of(pre, "mlp.fc"))],
+                   "mlp.gate": [(mlp.up_proj, weight_of(pre, "mlp.gate"))],
+                   "mlp.proj": [(mlp.down_proj, weight_of(pre, "mlp.proj"))]}
+        for module, pairs in targets.items():
+            hook = input_hook_of(pre, module) if input_hook_of is not None else None
+            for linear, weight in pairs:
+                linear.weight.data = weight
+                if hook is not None:
+                    linear.register_forward_pre_hook(hook)
+    return model

@@ -76,3 +76,18 @@ def fp8_e4m3_round(x, inv_scale):
     magic = (exp_bits + (20 << 23)).to(tl.float32, bitcast=True)
     y = (y + magic) - magic
     return tl.where(x.to(tl.int32, bitcast=True) < 0, -y, y)  # keeps the sign of -0.0 and of underflows
+
+
+@triton.jit
+def to_fp8(y, inv_scale):
+    """fp8 E4M3 of fp32 ``y * inv_scale``, saturated and rounded as ``fp8_e4m3_round`` (the
+    rounding of ``torch.Tensor.to(torch.float8_e4m3fn)``, which the references use); the cast of
+    the already rounded value is exact on every backend."""
+    return fp8_e4m3_round(y, inv_scale).to(tl.float8e4nv)
+
+
+def check_scale(name: str, scale: torch.Tensor, like: torch.Tensor) -> None:
+    """An FP8 (inverse) scale: fp32, one element, on ``like``'s device."""
+    check(scale.dtype == torch.float32 and scale.numel() == 1 and scale.device == like.device,
+          f"{name} must be one float32 element on {like.device}, got {scale.dtype} {tuple(scale.shape)} "
+          f"on {scale.device}")

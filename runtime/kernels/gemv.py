@@ -16,6 +16,13 @@ no split-K, so no atomics and no second reduce launch. A NORM program first make
 its rows to get their rms (M x K elements, L2-resident) before the weight loop. Each K step runs
 either as a tensor-core dot (rows padded to 16) or as fp32 multiply-adds on the CUDA cores
 (GemvConfig.use_dot); the prologue is redone by every program, so it is kept to the real rows.
+
+FP8 weights (``gemv_fp8``): W is float8_e4m3fn [N, K] and the prologue's x (in the model dtype)
+is rounded through fp8 with the linear's static input scale, x8 = fp8(clamp(x * inv_scale)),
+exactly as the big-batch path's fused norm / SiLU / quantize kernels store it; the product of
+the fp8 values (exact in the model dtype) is accumulated in fp32 and multiplied by
+out_scale = s_x * s_w before the epilogue, as ``torch._scaled_mm`` does. So the small-batch and
+big-batch paths compute the same function, and the weight read is half of bf16's.
 """
 
 from __future__ import annotations
@@ -26,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (SUPPORTED_DTYPES, KernelInputError, check, check_dtype, dot_precision, next_pow2,
-                      upcast_dots)
+from ._common import (SUPPORTED_DTYPES, KernelInputError, check, check_dtype, check_scale, dot_precision,
+                      next_pow2, to_fp8, upcast_dots)
 
 MAX_ROWS = 8
 """Largest M the kernel takes; larger batches belong to a tiled GEMM (cuBLAS)."""
@@ -76,18 +83,24 @@ TUNED: dict[tuple[int, int, str], GemvConfig] = {
 }
 
 
-def _heuristic(n: int, k: int, m: int) -> GemvConfig:
+# FP8 weights: not tuned on a GPU yet (scripts/bench_gemv_gpu.py --fp8 sweeps them); the
+# heuristic keeps the bf16 tiles' bytes per weight load (twice the elements per K step).
+TUNED_FP8: dict[tuple[int, int, str], GemvConfig] = {}
+
+
+def _heuristic(n: int, k: int, m: int, fp8: bool = False) -> GemvConfig:
     # One row: CUDA cores, narrow and deep tiles (the best one-row shape for all five tuned
     # problems, within 2%). More rows: tensor cores on 64-wide tiles.
     if m == 1:
-        return GemvConfig(8, min(1024, next_pow2(k)), 4, 2, False)
+        return GemvConfig(8, min(2048 if fp8 else 1024, next_pow2(k)), 4, 2, False)
     return GemvConfig(64, max(16, min(256, next_pow2(k))), 4, 4, True)
 
 
-def pick_config(n: int, k: int, m: int) -> GemvConfig:
+def pick_config(n: int, k: int, m: int, fp8: bool = False) -> GemvConfig:
     """The tuned launch shape for this problem, or the heuristic one."""
     mc = m_class(m)
-    return TUNED.get((n, k, mc)) or (mc == "m2" and TUNED.get((n, k, "m8"))) or _heuristic(n, k, m)
+    table = TUNED_FP8 if fp8 else TUNED
+    return table.get((n, k, mc)) or (mc == "m2" and table.get((n, k, "m8"))) or _heuristic(n, k, m, fp8)
 
 
 @triton.jit
@@ -144,11 +157,11 @@ def _x_step(x_ptr, norm_ptr, rstd, stride_xm, M, K, offs_k, k_ok, BLOCK_M: tl.co
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, res_ptr, M, N, K, stride_xm, stride_wn, stride_om, stride_rm,
-                 eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                 NORM: tl.constexpr, SILU_MUL: tl.constexpr, RESIDUAL: tl.constexpr, USE_DOT: tl.constexpr,
-                 UPCAST: tl.constexpr, PREC: tl.constexpr, ROWS: tl.constexpr, NORM_BK: tl.constexpr,
-                 NUM_STAGES: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, res_ptr, inv_ptr, scale_ptr, M, N, K, stride_xm, stride_wn,
+                 stride_om, stride_rm, eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 EVEN_K: tl.constexpr, NORM: tl.constexpr, SILU_MUL: tl.constexpr, RESIDUAL: tl.constexpr,
+                 USE_DOT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ROWS: tl.constexpr,
+                 NORM_BK: tl.constexpr, NUM_STAGES: tl.constexpr, FP8: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     # Columns past N re-read row N-1 (always in bounds, so the weight loads need no mask); their
     # results are dropped at the store.
@@ -157,6 +170,9 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, res_ptr, M, N, K, stride_xm, s
     rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
     if NORM:
         rstd = _row_rstd(x_ptr, stride_xm, M, K, eps, BLOCK_M, ROWS, NORM_BK, NUM_STAGES)
+    inv_scale = 1.0
+    if FP8:
+        inv_scale = tl.load(inv_ptr)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     # An explicit stage count also pipelines the loads of the CUDA-core path (no dot in the loop).
     for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
@@ -167,6 +183,10 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, res_ptr, M, N, K, stride_xm, s
         else:
             w = tl.load(w_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
         x = _x_step(x_ptr, norm_ptr, rstd, stride_xm, M, K, offs_k, k_ok, BLOCK_M, EVEN_K, NORM, SILU_MUL)
+        if FP8:  # x rounded through fp8 and both operands in the model dtype (exact) for the dot
+            x = to_fp8(x.to(tl.float32), inv_scale).to(x_ptr.dtype.element_ty)
+            if USE_DOT:
+                w = w.to(x_ptr.dtype.element_ty)
         if USE_DOT:
             if UPCAST:
                 acc += tl.dot(w.to(tl.float32), x.to(tl.float32), input_precision=PREC)
@@ -176,6 +196,8 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, res_ptr, M, N, K, stride_xm, s
             acc += tl.sum(w.to(tl.float32) * tl.reshape(x.to(tl.float32), [1, BLOCK_K]), 1)[:, None]
         else:  # CUDA cores for a few rows: [BLOCK_N, BLOCK_K, BLOCK_M] products summed over K
             acc += tl.sum(w.to(tl.float32)[:, :, None] * x.to(tl.float32)[None, :, :], 1)
+    if FP8:
+        acc = acc * tl.load(scale_ptr)
     _store(out_ptr, res_ptr, acc, offs_n, M, N, stride_om, stride_rm, BLOCK_M, RESIDUAL)
 
 
@@ -202,31 +224,52 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor | N
     program reads its residual tile before writing the same tile), never x. K must be a multiple
     of K_MULTIPLE.
     """
+    return _gemv(x, weight, None, None, norm_weight, eps, silu_mul, residual, out, config)
+
+
+def gemv_fp8(x: torch.Tensor, weight: torch.Tensor, inv_scale: torch.Tensor, out_scale: torch.Tensor, *,
+             norm_weight: torch.Tensor | None = None, eps: float = 1e-5, silu_mul: bool = False,
+             residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
+             config: GemvConfig | None = None) -> torch.Tensor:
+    """``gemv`` with a float8_e4m3fn weight [N, K]: x' is rounded through fp8 with ``inv_scale``
+    (1 / the input scale) and the fp32 product is multiplied by ``out_scale`` (input scale *
+    weight scale; both fp32, one element) before the epilogue. Output in x's dtype."""
+    check(weight.dtype == torch.float8_e4m3fn, f"gemv_fp8 takes a float8_e4m3fn weight, got {weight.dtype}")
+    check_scale("inv_scale", inv_scale, x)
+    check_scale("out_scale", out_scale, x)
+    return _gemv(x, weight, inv_scale, out_scale, norm_weight, eps, silu_mul, residual, out, config)
+
+
+def _gemv(x: torch.Tensor, weight: torch.Tensor, inv_scale: torch.Tensor | None, out_scale: torch.Tensor | None,
+          norm_weight: torch.Tensor | None, eps: float, silu_mul: bool, residual: torch.Tensor | None,
+          out: torch.Tensor | None, config: GemvConfig | None) -> torch.Tensor:
+    fp8 = inv_scale is not None
     m, k_in = x.shape if x.dim() == 2 else (0, 0)
     n, k = weight.shape if weight.dim() == 2 else (0, 0)
     ok = (x.dim() == 2 and weight.dim() == 2 and m <= MAX_ROWS and k % K_MULTIPLE == 0 and k > 0
-          and k_in == (2 * k if silu_mul else k) and x.dtype in SUPPORTED_DTYPES and weight.dtype == x.dtype
+          and k_in == (2 * k if silu_mul else k) and x.dtype in SUPPORTED_DTYPES and (fp8 or weight.dtype == x.dtype)
           and x.stride(1) == 1 and weight.stride(1) == 1 and not (silu_mul and norm_weight is not None)
           and (norm_weight is None or (norm_weight.shape == (k,) and norm_weight.is_contiguous()))
           and (residual is None or _is_output_like(residual, m, n, x.dtype))
           and (out is None or _is_output_like(out, m, n, x.dtype)))
     if not ok:
-        _explain_gemv_inputs(x, weight, norm_weight, silu_mul, residual, out)
+        _explain_gemv_inputs(x, weight, norm_weight, silu_mul, residual, out, fp8)
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
-    cfg = config or pick_config(n, k, m)
+    cfg = config or pick_config(n, k, m, fp8)
     res = residual if residual is not None else out
     rows = next_pow2(m)
     block_m = 16 if cfg.use_dot else rows  # the tensor-core dot wants 16 rows
+    scales = (inv_scale, out_scale) if fp8 else (out, out)  # unused pointers when not fp8
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
-        x, weight, out, norm_weight if norm_weight is not None else weight, res, m, n, k, x.stride(0),
+        x, weight, out, norm_weight if norm_weight is not None else weight, res, *scales, m, n, k, x.stride(0),
         weight.stride(0), out.stride(0), res.stride(0), float(eps),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
         NORM=norm_weight is not None, SILU_MUL=silu_mul, RESIDUAL=residual is not None, USE_DOT=cfg.use_dot,
         UPCAST=upcast_dots(x), PREC=dot_precision(x.dtype), ROWS=rows, NORM_BK=min(4096 // rows, next_pow2(k)),
-        NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        NUM_STAGES=cfg.num_stages, FP8=fp8, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
@@ -235,7 +278,7 @@ def _is_output_like(t: torch.Tensor, m: int, n: int, dtype: torch.dtype) -> bool
 
 
 def _explain_gemv_inputs(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None,
-                         silu_mul: bool, residual: torch.Tensor | None, out: torch.Tensor | None) -> None:
+                         silu_mul: bool, residual: torch.Tensor | None, out: torch.Tensor | None, fp8: bool) -> None:
     check(x.dim() == 2 and weight.dim() == 2,
           f"gemv takes x [M, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
     m, n, k = x.shape[0], weight.shape[0], weight.shape[1]
@@ -246,7 +289,7 @@ def _explain_gemv_inputs(x: torch.Tensor, weight: torch.Tensor, norm_weight: tor
     check(x.shape[1] == want, f"x must be [M, {want}] for weight [{n}, {k}]"
           f"{' with silu_mul' if silu_mul else ''}, got {tuple(x.shape)}")
     check_dtype("x", x)
-    check(weight.dtype == x.dtype, f"weight dtype {weight.dtype} differs from x dtype {x.dtype}")
+    check(fp8 or weight.dtype == x.dtype, f"weight dtype {weight.dtype} differs from x dtype {x.dtype}")
     check(x.stride(1) == 1 and weight.stride(1) == 1, "x and weight must be contiguous in their last dimension")
     if norm_weight is not None:
         check(norm_weight.shape == (k,) and norm_weight.is_contiguous(),

@@ -40,6 +40,20 @@ def _import_kernels_interpreted() -> None:
         _set_interpret(previous)
 
 
+def import_interpreted(name: str, probe: str):
+    """Kernel module ``name`` (one kiln.runtime.kernels does not re-export, so the import above
+    did not cover it), imported under the interpreter without CUDA; ``probe`` names one of its
+    kernels, to tell an interpreted import from an earlier compiled one."""
+    module = sys.modules.get(name)
+    if HAS_CUDA or (module and type(getattr(module, probe)).__name__ == "InterpretedFunction"):
+        return module or importlib.import_module(name)
+    previous = _set_interpret("1")
+    try:
+        return importlib.reload(module) if module else importlib.import_module(name)
+    finally:
+        _set_interpret(previous)
+
+
 if HAS_CUDA:
     # Deterministic mode (used below to poison outputs) needs this for any cuBLAS call.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

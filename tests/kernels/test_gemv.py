@@ -3,38 +3,16 @@ float64 references that round at the same points as the unfused chain."""
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from kiln.runtime.kernels import KernelInputError
 
+from .conftest import import_interpreted
 from .reference import TOL, rel_err
 
-
-def _import_gemv():
-    """The module is not re-exported by kiln.runtime.kernels, so the folder's conftest does not
-    import it under the interpreter: do it here (TRITON_INTERPRET is read at decoration time)."""
-    name = "kiln.runtime.kernels.gemv"
-    module = sys.modules.get(name)
-    if torch.cuda.is_available() or (module and type(module._gemv_kernel).__name__ == "InterpretedFunction"):
-        return module or importlib.import_module(name)
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        return importlib.reload(module) if module else importlib.import_module(name)
-    finally:
-        if previous is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-
-
-gemv_mod = _import_gemv()
+gemv_mod = import_interpreted("kiln.runtime.kernels.gemv", "_gemv_kernel")
 gemv, GemvConfig = gemv_mod.gemv, gemv_mod.GemvConfig
 
 EPS = 1e-5

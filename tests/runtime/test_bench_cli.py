@@ -76,6 +76,18 @@ def test_latency_with_speculation_prints_the_mean_acceptance_length(tiny_engine:
     assert "speculative=draft" in out[1] and "mean_acceptance_length" in out[2]
 
 
+def test_latency_batch_counts_every_sequence(tiny_engine: Path, capsys: pytest.CaptureFixture[str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench, "time", _TickingClock())
+    args = ["latency", str(tiny_engine), "--isl", "8", "--osl", "6", "--iterations", "1", "--batch", "3",
+            "--device", "cpu", "--json"]
+    assert bench.main(args) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert result["settings"]["batch"] == 3
+    # 3 sequences x 6 tokens: the first token of each is the TTFT, the other 15 decode in 0.25 s.
+    assert result["figures"]["decode_tok_s_p50"] == pytest.approx(15 / 0.25)
+
+
 def test_missing_engine_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert bench.main(["latency", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

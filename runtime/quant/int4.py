@@ -1,0 +1,180 @@
+"""W4A16 linears: INT4 weights in groups along the input (TensorRT-LLM's ``W4A16_AWQ`` / ``W4A16``
+layout, engine_builder/int4.py), activations and outputs in the model dtype.
+
+Numerics (one definition every path follows): W = q * s + z per group in fp32, x' = dtype(x * p)
+when the engine has pre-quantization scales p (else x' = x), y = dtype(x' @ W^T) accumulated in
+fp32. On the Triton kernel set the products are ``gemv_int4`` (1-8 rows; the fused small-batch
+path adds gemv's norm / SiLU prologue and residual epilogue and folds p in) and ``gemm_int4``;
+their weights are repacked once at load (``kernels.int4.repack``). Prefill-sized batches
+(``DEQUANTIZE_FROM_ROWS``) multiply W rounded to the model dtype with cuBLAS instead (a relative
+difference of at most 2^-9 per weight in bf16). Elsewhere (CPU, or the torch
+kernel set) the reference dequantizes W in fp32 and multiplies: exact up to summation order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kiln.engine_builder.int4 import GROUP_SIZES, INT4_ALGOS, PREQUANT, SCALE, ZERO, dequantize, unpack_int4
+from kiln.runtime.layers import linear_prologue
+from kiln.runtime.linear import LinearContext, LinearMethod, TensorGetter, UnsupportedQuantizationError, _required, _to
+
+# ----------------------------------------------------------------------------- references
+# Same signatures as the kernels of kiln.runtime.kernels.int4 (weights in the engine's packing).
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                group_size: int) -> torch.Tensor:
+    """x @ W^T in fp32, rounded to x's dtype; W dequantized from the engine's packing."""
+    w = dequantize(unpack_int4(packed), scales, zeros, group_size)
+    return F.linear(x.float(), w).to(x.dtype)
+
+
+def fused_linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                      group_size: int, *, prequant: torch.Tensor | None = None,
+                      norm_weight: torch.Tensor | None = None, eps: float = 1e-5, silu_mul: bool = False,
+                      residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``gemv_int4``'s reference: layers.fused_linear's prologue and epilogue around ``int4_linear``,
+    the pre-quantization scale applied (and rounded) after the prologue."""
+    x = linear_prologue(x, norm_weight, eps, silu_mul)
+    if prequant is not None:
+        x = prescale(x, prequant)
+    out = int4_linear(x, packed, scales, zeros, group_size)
+    if residual is not None:
+        out = (residual.float() + out.float()).to(x.dtype)
+    return out
+
+
+def prescale(x: torch.Tensor, prequant: torch.Tensor) -> torch.Tensor:
+    """dtype(x * p): the pre-quantization scale of AWQ scales that no previous op absorbed."""
+    return (x.float() * prequant.float()).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- op selection
+
+
+@dataclass(frozen=True)
+class Int4Ops:
+    """The products an INT4 model uses, chosen once: the Triton kernels (taking the repacked
+    weight) when the model runs the Triton kernel set, else the references (engine packing)."""
+
+    linear: Callable[..., torch.Tensor] = int4_linear
+    small: Callable[..., torch.Tensor] = fused_linear_int4  # 1-8 rows, with the fused prologue/epilogue
+    gemm: Callable[..., torch.Tensor] | None = None  # gemm_int4 (any rows); None: ``linear`` for all
+    dequantize: Callable[..., torch.Tensor] | None = None  # W in the model dtype, for cuBLAS on big batches
+    repack: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+    max_small_rows: int = 0  # ``apply`` runs ``small`` up to this many rows
+    dequantize_from_rows: int = 0  # ``apply`` runs cuBLAS on ``dequantize``'s W from this many rows
+    fused_layers: bool = False  # whether the model should run its fused small-batch layers on ``small``
+
+
+def select_int4_ops(ops: Any) -> Int4Ops:
+    if ops.name != "triton":
+        return Int4Ops()
+    from kiln.runtime.kernels import int4 as k
+
+    return Int4Ops(small=k.gemv_int4, gemm=k.gemm_int4, dequantize=k.dequantize_int4, repack=k.repack,
+                   max_small_rows=k.MAX_ROWS, dequantize_from_rows=k.DEQUANTIZE_FROM_ROWS, fused_layers=True)
+
+
+# ----------------------------------------------------------------------------- the method
+
+
+class Int4Linear(LinearMethod):
+    """An INT4 linear of this rank: packed weight [N, K/2], ``scales`` (and ``zeros``) [K/g, N] and
+    optional ``prequant`` [K], all but the weight in the compute dtype.
+
+    Invariants: g divides K; ``weight`` is in the layout ``int4.small``/``gemm`` read (repacked
+    at load on the Triton path, the engine's packing otherwise); ``prepare`` applies ``prequant``
+    so ``apply`` takes x' (``small`` applies it inside the kernel); parts joined by ``concat``
+    share one ``prequant`` (they read the same input).
+    """
+
+    quant_algo = "W4A16_AWQ"
+
+    def __init__(self, ctx: LinearContext, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 prequant: torch.Tensor | None, group_size: int, repacked: bool = False) -> None:
+        super().__init__(ctx, packed.shape[1] * 2, packed.shape[0])
+        self.int4 = select_int4_ops(ctx.ops)
+        self.group_size = group_size
+        packed = packed.to(ctx.device).contiguous()
+        if self.int4.repack is not None and not repacked:
+            packed = self.int4.repack(packed, group_size)
+        self.weight = packed
+        self.scales = _to(ctx, scales)
+        self.zeros = None if zeros is None else _to(ctx, zeros)
+        self.prequant = None if prequant is None else _to(ctx, prequant.reshape(-1))
+
+    @classmethod
+    def load(cls, ctx: LinearContext, get: TensorGetter, prefix: str) -> Int4Linear:
+        quant = ctx.quantization
+        group = int(quant.get("group_size") or 128)
+        if group not in GROUP_SIZES:
+            raise UnsupportedQuantizationError(
+                f"group_size {group} is not supported (supported: {', '.join(map(str, GROUP_SIZES))})")
+        packed = _required(get, f"{prefix}.weight")
+        n, k = packed.shape[0], packed.shape[-1] * 2
+        if packed.dtype != torch.int8 or packed.dim() != 2 or k % group:
+            raise UnsupportedQuantizationError(
+                f"{prefix}.weight is {packed.dtype} {tuple(packed.shape)}; a W4A16 engine stores int8 [out, in/2] "
+                f"with in a multiple of group_size {group}")
+        scales = _checked(get, f"{prefix}.{SCALE}", (k // group, n))
+        zeros = _checked(get, f"{prefix}.{ZERO}", (k // group, n)) if quant.get("has_zero_point") else None
+        prequant = _checked(get, f"{prefix}.{PREQUANT}", (1, k)) if quant.get("pre_quant_scale") else None
+        if prequant is not None and bool((prequant == 1).all()):
+            prequant = None  # an identity scale (the builder folded this linear's): skip the multiply
+        return cls(ctx, packed, scales, zeros, prequant, group)
+
+    @classmethod
+    def concat(cls, parts: Sequence[LinearMethod]) -> Int4Linear:
+        int4_parts: list[Int4Linear] = list(parts)  # type: ignore[arg-type]
+        first = int4_parts[0]
+        pre = [p.prequant for p in int4_parts]
+        if any((a is None) != (pre[0] is None) or (a is not None and not torch.equal(a, pre[0])) for a in pre):
+            raise UnsupportedQuantizationError("linears fused into one GEMM have different prequant_scaling_factor")
+        zeros = None if first.zeros is None else torch.cat([p.zeros for p in int4_parts], dim=1)
+        return cls(first.ctx, torch.cat([p.weight for p in int4_parts]), torch.cat([p.scales for p in int4_parts], dim=1),
+                   zeros, pre[0], first.group_size, repacked=True)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.prequant is None else prescale(x, self.prequant)
+
+    def apply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        ops = self.int4
+        if ops.gemm is None:
+            y = ops.linear(x, self.weight, self.scales, self.zeros, self.group_size)
+        elif x.shape[0] <= ops.max_small_rows:
+            y = ops.small(x, self.weight, self.scales, self.zeros, self.group_size)
+        elif x.shape[0] >= ops.dequantize_from_rows:
+            y = F.linear(x, ops.dequantize(self.weight, self.scales, self.zeros, self.group_size))
+        else:
+            y = ops.gemm(x, self.weight, self.scales, self.zeros, self.group_size)
+        return y if bias is None else y + bias
+
+    @property
+    def has_small(self) -> bool:
+        return self.int4.fused_layers
+
+    def small(self, x: torch.Tensor, **fused: Any) -> torch.Tensor:
+        return self.int4.small(x, self.weight, self.scales, self.zeros, self.group_size, prequant=self.prequant, **fused)
+
+
+class Int4RtnLinear(Int4Linear):
+    """Round-to-nearest INT4 (``W4A16``): the same layout and products as AWQ's."""
+
+    quant_algo = "W4A16"
+
+
+assert {Int4Linear.quant_algo, Int4RtnLinear.quant_algo} == set(INT4_ALGOS)
+
+
+def _checked(get: TensorGetter, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    tensor = _required(get, name)
+    if tuple(tensor.shape) != shape or not tensor.dtype.is_floating_point:
+        raise UnsupportedQuantizationError(f"{name} is {tensor.dtype} {tuple(tensor.shape)}; expected a float {shape}")
+    return tensor
