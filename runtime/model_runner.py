@@ -88,9 +88,9 @@ class ModelRunner:
         )
         # Every rank sizes its own cache; all use the smallest block count, so one block id
         # means the same slots everywhere.
+        self.spec_k = engine_config.spec_tokens  # the graph memory estimate counts the verify graphs
         self.num_blocks = group.min_int(self._size_kv_cache(spec))
         self.kv_cache = KVCache(spec, self.num_blocks, self.device)
-        self.spec_k = engine_config.spec_tokens
         self.input_batch = InputBatch(
             engine_config.max_batch_size, self.max_model_len, engine_config.max_num_tokens,
             self.block_size, self.num_blocks, self.vocab_size, self.device, self.spec_k,

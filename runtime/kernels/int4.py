@@ -42,8 +42,8 @@ DEQUANTIZE_FROM_ROWS = 1024
 """From this many rows ``Int4Linear`` dequantizes the weight to the model dtype and calls cuBLAS:
 a prefill chunk is compute-bound, where the weight's extra write and read cost a few percent of
 the GEMM and cuBLAS beats the Triton W4A16 GEMM (not yet measured: scripts/check_int4_gpu.py)."""
-_MAGIC = 0x4B000008  # fp32 bits of 2^23 + 8; xor with a nibble n gives 2^23 + (n ^ 8) = 2^23 + q + 8
-_MAGIC_VALUE = 8388616.0  # 2^23 + 8
+_MAGIC = tl.constexpr(0x4B000008)  # fp32 bits of 2^23 + 8; xor with a nibble n gives 2^23 + (n ^ 8) = 2^23 + q + 8
+_MAGIC_VALUE = tl.constexpr(8388616.0)  # 2^23 + 8
 
 
 @dataclass(frozen=True)
