@@ -11,7 +11,8 @@
 #   int4bench  PRECISION=int4 gpu_bench.sh latency latency8
 #   bf16bench  gpu_bench.sh latency latency8 (the bf16 reference for the INT4 batch-8 figure)
 #   spec       scripts/bench_spec_gpu.py (ACCEPTANCE, SPEC_BATCHES) on a bf16 8B target, 1B draft
-#   serve      scripts/gpu_serve_bench.sh (fastapi/uvicorn must be importable)
+#   serve      scripts/gpu_serve_bench.sh (fastapi/uvicorn must be importable; fastapi 0.165 also imports
+#              opentelemetry: carry opentelemetry-api and its needs with the other wheels)
 # A job's timeout is JOB_TIMEOUT_<job> seconds (defaults below). Keep NVLink multicast off.
 set -uo pipefail
 cd "$(dirname "$0")/.."

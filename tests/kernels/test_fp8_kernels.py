@@ -51,7 +51,12 @@ def test_fused_add_rms_norm_fp8(dtype, with_residual, device, gen):
 def test_silu_and_mul_fp8(dtype, device, gen):
     x = (3 * torch.randn(3, 2 * 1300, generator=gen)).to(dtype).to(device)  # 1300: a partial block
     inv = _scale(448 / 20.0, device)
-    assert_fp8_close(kernels.silu_and_mul_fp8(x, inv), ref.silu_and_mul_fp8(x, inv), gen.initial_seed(), dtype)
+    # The kernel's arithmetic: silu(gate) * up in fp32, rounded once to x's dtype, then quantized.
+    # (The torch path's F.silu(gate) * up rounds twice in bf16; on the H200 that moved ~3% of
+    # the fp8 values by one step, more than a rounding-boundary difference.)
+    gate, up = x.float().chunk(2, dim=-1)
+    want = ref.quantize_fp8((torch.nn.functional.silu(gate) * up).to(dtype), inv)
+    assert_fp8_close(kernels.silu_and_mul_fp8(x, inv), want, gen.initial_seed(), dtype)
 
 
 def test_quantize_fp8_saturates_and_reads_strided_rows(device, gen):
