@@ -92,6 +92,7 @@ class ChatServing(OpenAIServing):
             finish_reason = c.finish_reason
             if fmt is not None:
                 content, calls = fmt.parse(c.text)
+                calls = calls if req.parallel_tool_calls else calls[:1]  # "auto": the model's first call
                 if calls:
                     message = {"role": "assistant", "content": content,
                                "tool_calls": [call.to_openai() for call in calls]}
@@ -128,7 +129,7 @@ class ChatServing(OpenAIServing):
                 completion_tokens += len(c.delta_token_ids)
                 text, deltas = c.delta_text, []
                 if fmt is not None:
-                    tools = parsers.setdefault(c.index, _ChoiceTools(fmt.new_parser()))
+                    tools = parsers.setdefault(c.index, _ChoiceTools(fmt.new_parser(), req.parallel_tool_calls))
                     text, deltas = tools.feed(c.delta_text, c.finish_reason is not None)
                 if text or (req.logprobs and c.delta_logprobs):
                     lp = chat_logprobs(c.delta_logprobs or [], self.ctx.strings) if req.logprobs else None
@@ -149,10 +150,12 @@ class ChatServing(OpenAIServing):
 
 
 class _ChoiceTools:
-    """One streamed choice's tool-call parsing: content to pass on and call deltas to send."""
+    """One streamed choice's tool-call parsing: content to pass on and call deltas to send
+    (only the first call when ``parallel`` is False, as the non-streamed response keeps)."""
 
-    def __init__(self, parser: ToolCallParser) -> None:
+    def __init__(self, parser: ToolCallParser, parallel: bool = True) -> None:
         self.parser = parser
+        self.parallel = parallel
         self.count = 0
 
     def feed(self, text: str, last: bool) -> tuple[str, list[dict[str, Any]]]:
@@ -162,7 +165,8 @@ class _ChoiceTools:
             content, calls = content + rest, calls + more
         deltas = []
         for call in calls:
-            deltas.extend(self._deltas(call))
+            if self.parallel or self.count == 0:
+                deltas.extend(self._deltas(call))
         return content, deltas
 
     def _deltas(self, call: ToolCall) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ import json
 import pytest
 
 from kiln.server.fim import fim_prompt_ids, fim_template
+from kiln.server.serving_chat import _ChoiceTools
 from kiln.server.tool_calls import HERMES, LLAMA3_JSON, forced_tool_constraint, tool_format_for
 
 CALL = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>'
@@ -82,3 +83,15 @@ def test_fim_prompt_uses_the_tokenizers_fim_tokens(smollm2_hf_dir):
     assert tok.decode(prompt) == "<|fim_prefix|>def f(x):\n<|fim_suffix|>\n    return y<|fim_middle|>"
     # Text that only looks like a FIM token stays text.
     assert ids[0] not in fim_prompt_ids(tok, ids, "<|fim_prefix|>", "")[1:]
+
+
+@pytest.mark.parametrize("parallel, expected", [(True, ["CET", "UTC"]), (False, ["CET"])])
+def test_streamed_call_deltas_keep_only_the_first_call_without_parallel_tool_calls(parallel, expected):
+    text = "Sure. " + CALL + "\n" + CALL.replace("CET", "UTC")
+    for cut in (0, 20, len(CALL) + 9, len(text)):
+        tools = _ChoiceTools(HERMES.new_parser(), parallel)
+        deltas = tools.feed(text[:cut], False)[1] + tools.feed(text[cut:], True)[1]
+        names = [d for d in deltas if "id" in d]
+        args = [json.loads(d["function"]["arguments"])["zone"] for d in deltas if "id" not in d]
+        assert [d["index"] for d in names] == list(range(len(expected)))
+        assert args == expected and tools.count == len(expected)
