@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 _MAX_SCORE_ELEMENTS = 1 << 28
 
 
-class AttentionBackendError(RuntimeError):
+class KernelBackendError(RuntimeError):
     """The requested attention backend cannot be used on this machine."""
 
 
@@ -198,26 +198,26 @@ class KernelSet:
     small_linear_k_multiple: int = 1  # every linear's input width must be a multiple of this
 
 
-def select_kernels(device: torch.device, attention_backend: str) -> KernelSet:
+def select_kernels(device: torch.device, kernel_backend: str) -> KernelSet:
     """Triton kernels on CUDA when allowed and importable, else the torch references.
 
     "torch" forces the references; "triton" requires the kernels (one clear error if they
     cannot load); "auto" uses them on CUDA when they import. An op the kernels package does
     not provide keeps its reference.
     """
-    if attention_backend == "torch" or (attention_backend == "auto" and device.type != "cuda"):
+    if kernel_backend == "torch" or (kernel_backend == "auto" and device.type != "cuda"):
         return KernelSet()
     try:
         from kiln.runtime import kernels
     except Exception as exc:  # an import error or a Triton failure at import: same remedy
-        if attention_backend == "triton":
-            raise AttentionBackendError(f"attention_backend='triton' but kiln.runtime.kernels failed to import: {exc}")
+        if kernel_backend == "triton":
+            raise KernelBackendError(f"kernel_backend='triton' but kiln.runtime.kernels failed to import: {exc}")
         logger.warning("Triton kernels unavailable (%s); using the torch reference ops", exc)
         return KernelSet()
     found = {op: getattr(kernels, op) for op in _OPS if callable(getattr(kernels, op, None))}
     if not found:
-        if attention_backend == "triton":
-            raise AttentionBackendError("attention_backend='triton' but kiln.runtime.kernels provides no kernels")
+        if kernel_backend == "triton":
+            raise KernelBackendError("kernel_backend='triton' but kiln.runtime.kernels provides no kernels")
         return KernelSet()
     missing = sorted(set(_OPS) - set(found))
     if missing:

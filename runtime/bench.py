@@ -99,7 +99,7 @@ def _spec_figures(engine) -> dict[str, float]:
 
 _WORKLOAD_ARGS = ("isl", "osl", "num_requests", "batch", "iterations", "warmup", "seed")
 _ENGINE_FIELDS = ("max_batch_size", "max_num_tokens", "capacity_policy", "enable_prefix_caching", "enforce_eager",
-                  "attention_backend", "kv_cache_fraction", "speculative")
+                  "kernel_backend", "kv_cache_fraction", "speculative")
 
 
 def run_settings(args: argparse.Namespace, engine) -> dict[str, object]:

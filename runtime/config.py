@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 # kv_cache_dtype values (kiln.runtime.fp8_kv resolves them; it imports torch, this module must not).
 KV_CACHE_DTYPES = ("auto", "model", "fp8")
 _DEVICES = ("auto", "cpu", "cuda")
-_ATTENTION_BACKENDS = ("auto", "triton", "torch")
+# Which implementation runs every kernel (attention, norms, rotary, GEMVs, ...): "triton" on CUDA,
+# "torch" (the pure-torch reference), or "auto" (triton on CUDA, torch elsewhere).
+_KERNEL_BACKENDS = ("auto", "triton", "torch")
 # "external": drafts come from a proposer object handed to LLMEngine (benchmarks, tests).
 SPECULATIVE_METHODS = ("ngram", "draft", "external")
 # The EngineConfig fields of speculative decoding (flags of serve-llm and bench-llm, YAML keys).
@@ -58,7 +60,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_model_len: int | None = None
     enforce_eager: bool = False
-    attention_backend: str = "auto"
+    kernel_backend: str = "auto"
     seed: int = 0
     # GPU index of each tensor-parallel rank (rank r runs on cuda:devices[r]); None = 0..tp-1.
     devices: tuple[int, ...] | None = None
@@ -70,15 +72,22 @@ class EngineConfig:
     draft_engine: str | None = None  # the draft engine directory ("draft")
     speculative_max_batch_size: int = 8  # nobody speculates while more requests run
     speculative_min_acceptance: float = 0.3  # a request averaging fewer accepted drafts per step pauses
+    # The earlier name of kernel_backend (it selects every kernel, not only attention); folded into
+    # kernel_backend by __post_init__ and None afterwards.
+    attention_backend: str | None = None
 
     def __post_init__(self) -> None:
         device = str(self.device)
         if device.split(":")[0] not in _DEVICES:
             raise EngineConfigError(f"device must be one of {_DEVICES} (optionally 'cuda:N'), got {self.device!r}")
-        if self.attention_backend not in _ATTENTION_BACKENDS:
-            raise EngineConfigError(
-                f"attention_backend must be one of {_ATTENTION_BACKENDS}, got {self.attention_backend!r}"
-            )
+        if self.attention_backend is not None:
+            if self.kernel_backend not in ("auto", self.attention_backend):
+                raise EngineConfigError(f"kernel_backend={self.kernel_backend!r} and its old name attention_backend="
+                                        f"{self.attention_backend!r} disagree; give kernel_backend only")
+            object.__setattr__(self, "kernel_backend", self.attention_backend)
+            object.__setattr__(self, "attention_backend", None)
+        if self.kernel_backend not in _KERNEL_BACKENDS:
+            raise EngineConfigError(f"kernel_backend must be one of {_KERNEL_BACKENDS}, got {self.kernel_backend!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise EngineConfigError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.capacity_policy not in CAPACITY_POLICIES:

@@ -75,7 +75,7 @@ class DraftModelProposer:
             engine_dir=config.draft_engine, device=config.device, max_num_tokens=config.max_num_tokens,
             max_batch_size=batch, block_size=config.block_size, enable_prefix_caching=False,
             num_kv_cache_tokens=max(max_len, min(batch * max_len, _MAX_KV_TOKENS)), max_model_len=max_len,
-            enforce_eager=config.enforce_eager, attention_backend=config.attention_backend, seed=config.seed,
+            enforce_eager=config.enforce_eager, kernel_backend=config.kernel_backend, seed=config.seed,
         )
         device = config.torch_device
         if device.type == "cuda" and config.devices:

@@ -75,7 +75,7 @@ class ModelRunner:
         # refuses a cache that cannot hold one such sequence). The engine and the scheduler
         # take it from here.
         self.max_model_len = engine_config.resolve_max_model_len(mc)
-        self.kernels = select_kernels(self.device, engine_config.attention_backend)
+        self.kernels = select_kernels(self.device, engine_config.kernel_backend)
         self.model = LlamaFamilyModel(
             mc, loaded_engine.tensors, self.device, self.dtype, self.kernels,
             max_positions=self.max_model_len, group=group,

@@ -94,7 +94,9 @@ def _make_parser() -> tuple[argparse.ArgumentParser, tuple[str, ...]]:
                    help="disable reuse of KV blocks across requests with a common prefix")
     e.add_argument("--max-model-len", type=int, help="longest prompt + output (default: the model's)")
     e.add_argument("--enforce-eager", action=_YesNo, value=True, help="no CUDA graphs / compilation")
-    e.add_argument("--attention-backend", choices=["auto", "triton", "torch"], help="default auto")
+    e.add_argument("--kernel-backend", "--attention-backend", dest="kernel_backend", choices=["auto", "triton", "torch"],
+                   help="implementation of every kernel: triton (CUDA), torch (reference) or auto (default); "
+                        "--attention-backend is its old name")
     e.add_argument("--seed", type=int, help="engine seed for unseeded sampling (default 0)")
     e.add_argument("--no-engine-process", dest="engine_process", action=_YesNo, value=False,
                    help="run the engine in a thread of the server's process (default: its own process, "

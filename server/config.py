@@ -20,7 +20,7 @@ API_KEY_ENV = "KILN_API_KEY"
 ENGINE_OPTIONS = (
     "device", "max_num_tokens", "max_batch_size", "block_size", "kv_cache_fraction",
     "num_kv_cache_tokens", "kv_cache_dtype", "capacity_policy", "enable_prefix_caching", "max_model_len",
-    "enforce_eager", "attention_backend", "seed", "devices", *SPECULATIVE_OPTIONS,
+    "enforce_eager", "kernel_backend", "attention_backend", "seed", "devices", *SPECULATIVE_OPTIONS,
 )
 
 

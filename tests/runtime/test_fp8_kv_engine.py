@@ -158,7 +158,7 @@ def test_fp8_kv_on_gpu_matches_the_torch_reference(pair: Fp8Pair, dtype: str, tm
     prompts = random_prompts(5, [7, 33, 64, 90], pair.tiny.vocab_size)
     runs = {}
     for name, options in {"graphs": {}, "eager": {"enforce_eager": True},
-                          "torch": {"attention_backend": "torch", "enforce_eager": True}}.items():
+                          "torch": {"kernel_backend": "torch", "enforce_eager": True}}.items():
         engine = LLMEngine.from_engine_dir(engine_dir, device="cuda", block_size=16, max_model_len=128,
                                            num_kv_cache_tokens=4096, max_batch_size=8, **options)
         try:

@@ -28,7 +28,7 @@ def _release_earlier_gpu_memory() -> None:
 def test_gpu_runner_greedy(backend: str, dtype: str, tmp_path: Path) -> None:
     hf, engine = tiny_engine(tmp_path, "qwen3", seed=3, dtype=dtype)
     config = EngineConfig(engine_dir="unused", device="cuda", block_size=BLOCK_SIZE, max_model_len=128,
-                          max_batch_size=16, max_num_tokens=512, kv_cache_fraction=0.05, attention_backend=backend)
+                          max_batch_size=16, max_num_tokens=512, kv_cache_fraction=0.05, kernel_backend=backend)
     runner = ModelRunner(config, engine)
     try:
         _check_greedy(runner, hf, dtype)

@@ -84,3 +84,18 @@ def test_speculative_options_from_flags_and_yaml(tmp_path):
         parse_config(["e", "--speculative", "draft"])
     with pytest.raises(ServerConfigError, match="ngram_min"):
         parse_config(["e", "--speculative", "ngram", "--ngram-min", "5", "--ngram-max", "2"])
+
+
+def test_kernel_backend_and_its_old_name(tmp_path):
+    assert parse_config(["e"]).engine.kernel_backend == "auto"
+    assert parse_config(["e", "--kernel-backend", "torch"]).engine.kernel_backend == "torch"
+    assert parse_config(["e", "--attention-backend", "triton"]).engine.kernel_backend == "triton"  # old flag
+    path = tmp_path / "c.yaml"
+    path.write_text("engine_dir: e\nattention_backend: torch\n")  # old YAML key
+    engine = parse_config(["--config", str(path)]).engine
+    assert (engine.kernel_backend, engine.attention_backend) == ("torch", None)
+    path.write_text("engine_dir: e\nattention_backend: torch\nkernel_backend: triton\n")
+    with pytest.raises(ServerConfigError, match="disagree"):
+        parse_config(["--config", str(path)])
+    with pytest.raises(ServerConfigError, match="kernel_backend must be one of"):
+        build_config({"engine_dir": "e", "kernel_backend": "cuda"}, {})
