@@ -6,7 +6,8 @@
 #
 # Jobs (every one on the lane's GPU only, CUDA_VISIBLE_DEVICES set; engines in /dev/shm):
 #   gputests   pytest of the GPU tests (kernels compiled, runner/engine/graphs, FP8 KV, INT4, spec)
-#   fp8check   scripts/check_fp8_gpu.py        int4check  scripts/check_int4_gpu.py
+#   fp8check   scripts/check_fp8_gpu.py $FP8CHECK_ARGS    int4check  scripts/check_int4_gpu.py $INT4CHECK_ARGS
+#   tinygemm   scripts/bench_int4_tinygemm_gpu.py (Kiln's W4A16 kernels vs torch._weight_int4pack_mm)
 #   fp8bench   PRECISION=fp8 gpu_bench.sh latency tp128 tp1000 tp2048 (N1000/N2048 as set)
 #   int4bench  PRECISION=int4 gpu_bench.sh latency latency8
 #   bf16bench  gpu_bench.sh latency latency8 (the bf16 reference for the INT4 batch-8 figure)
@@ -36,8 +37,8 @@ job() {  # job NAME LANE
                       tests/runtime/test_fp8_kv_engine.py tests/runtime/test_int4_gpu.py tests/runtime/test_spec_gpu.py \
                       tests/runtime/test_sampler.py tests/runtime/test_logit_constraints.py} > "$OUT/gputests.log" 2>&1
                   echo "pytest rc=$?"; grep -E "^(E  |FAILED|ERROR)" "$OUT/gputests.log" | cut -c1-220 | head -40; tail -2 "$OUT/gputests.log" ;;
-        fp8check) timeout "${limit:-180}" python3 scripts/check_fp8_gpu.py --json "$OUT/fp8check.json" 2>&1 | tail -40 ;;
-        int4check) timeout "${limit:-150}" python3 scripts/check_int4_gpu.py --json "$OUT/int4check.json" 2>&1 | tail -40 ;;
+        fp8check) timeout "${limit:-180}" python3 scripts/check_fp8_gpu.py ${FP8CHECK_ARGS:-} --json "$OUT/fp8check.json" 2>&1 | tail -40 ;;
+        int4check) timeout "${limit:-150}" python3 scripts/check_int4_gpu.py ${INT4CHECK_ARGS:-} --json "$OUT/int4check.json" 2>&1 | tail -40 ;;
         fp8bench) PRECISION=fp8 RUNS="${FP8_RUNS:-latency tp128 tp1000 tp2048}" OUT="$OUT/fp8" \
                       timeout "${limit:-360}" scripts/gpu_bench.sh 2>&1 | tail -25 ;;
         int4bench) PRECISION=int4 RUNS="latency latency8" OUT="$OUT/int4" timeout "${limit:-200}" scripts/gpu_bench.sh 2>&1 | tail -15 ;;
@@ -51,6 +52,7 @@ job() {  # job NAME LANE
                   python3 scripts/bench_spec_gpu.py --target /dev/shm/kiln-rand8b --draft /dev/shm/kiln-rand1b \
                       --acceptance-length "${ACCEPTANCE:-3.5}" --k 4 --batches "${SPEC_BATCHES:-64}" --out "$OUT/spec.json"' \
                   > "$OUT/spec/bench.log" 2>&1; echo "spec rc=$?"; sed -n '/^K=/,$p' "$OUT/spec/bench.log"; tail -3 "$OUT/spec/bench.log" ;;
+        tinygemm) timeout "${limit:-150}" python3 scripts/bench_int4_tinygemm_gpu.py 2>&1 | tail -40 ;;
         serve) ENGINE=${SERVE_ENGINE:-/dev/shm/kiln-rand8b-serve} OUT="$OUT/serve" timeout "${limit:-300}" scripts/gpu_serve_bench.sh 2>&1 | tail -15 ;;
         *) echo "unknown job $name" ;;
     esac

@@ -177,7 +177,7 @@ class AsyncEngine:
                 raise EngineDeadError("The engine loop has stopped.")
             self._pending_seqs += sub.num_sequences
             self._inbox.put(("add", sub))
-        self._wake.set()
+        self._wake_engine()
         try:
             await sub.ack
         except asyncio.CancelledError:
@@ -202,17 +202,17 @@ class AsyncEngine:
         ids = stream.unfinished_ids()
         if ids:
             self._inbox.put(("abort", ids))
-            self._wake.set()
+            self._wake_engine()
 
     def abort_all(self) -> None:
         """Abort every request in flight (the end of a drain that ran out of time)."""
         self._inbox.put(("abort_all", None))
-        self._wake.set()
+        self._wake_engine()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the engine thread, then release the engine's GPU memory (KV cache, graphs)."""
         self._stop.set()
-        self._wake.set()
+        self._wake_engine()
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():  # the engine is not thread-safe: never shut it under a step
@@ -221,6 +221,15 @@ class AsyncEngine:
         release = getattr(self.engine, "shutdown", None)
         if release is not None:
             release()
+
+    def _wake_engine(self) -> None:
+        """Wake the engine thread for new inbox items: from its idle wait, and from a step
+        waiting on an engine process (``EngineProcess.wake``), so an add or abort never waits
+        out the poll while the child has nothing to report."""
+        self._wake.set()
+        wake = getattr(self.engine, "wake", None)
+        if wake is not None:
+            wake()
 
     # ----- engine-thread side -----
     def _run(self) -> None:

@@ -152,9 +152,14 @@ class EngineProcess:
         if self._error is not None:
             raise EngineProcessError(self._error)
 
+    def wake(self) -> None:
+        """End a ``step()`` waiting for the child now (thread-safe): the caller has new requests or
+        aborts to hand over, which must not wait out the poll while the child is idle."""
+        self._ready.put(None)
+
     def step(self) -> list[RequestOutput]:
         """The outputs of every engine step received since the last call (waiting up to
-        ``_POLL_S`` for one when none is there)."""
+        ``_POLL_S`` for one when none is there, or until ``wake()``)."""
         self.check_alive()
         ready: list[RequestOutput] = []
         try:
@@ -162,7 +167,7 @@ class EngineProcess:
         except queue.Empty:
             return ready
         while True:
-            for p in packed:
+            for p in packed or ():  # None: a wake-up
                 out = self._unpack(p)
                 if out is not None:
                     ready.append(out)

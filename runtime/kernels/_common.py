@@ -75,7 +75,10 @@ def fp8_e4m3_round(x, inv_scale):
     exp_bits = tl.maximum(y.to(tl.int32, bitcast=True) & 0x7F800000, (127 - 6) << 23)
     magic = (exp_bits + (20 << 23)).to(tl.float32, bitcast=True)
     y = (y + magic) - magic
-    return tl.where(x.to(tl.int32, bitcast=True) < 0, -y, y)  # keeps the sign of -0.0 and of underflows
+    # x's sign bit onto y >= 0 with integer ops: keeps the sign of -0.0 and of underflows to zero,
+    # which a float negation (compiled on the GPU as 0 - y) would turn into +0.0.
+    sign = x.to(tl.int32, bitcast=True) & -0x80000000
+    return (y.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit

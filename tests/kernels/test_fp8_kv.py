@@ -48,7 +48,13 @@ def test_write_kv_cache_quantizes_like_the_reference(dtype, block_size, device, 
     want[0, slots[keep]] = _codes(fp8_kv.quantize(k.cpu()[keep], k_scale))
     want[1, slots[keep]] = _codes(fp8_kv.quantize(v.cpu()[keep], v_scale))
     write_kv_cache(k, v, k_cache, v_cache, slots.to(device), k_scale=k_scale, v_scale=v_scale)
-    assert torch.equal(_codes(kv).view(want.shape), want)
+    got = _codes(kv).view(want.shape)
+    bad = (got != want).nonzero().tolist()
+    src = {0: (k.cpu(), k_scale), 1: (v.cpu(), v_scale)}
+    where = {int(s): i for i, s in enumerate(slots.tolist()) if s >= 0}
+    detail = [(kv_, slot, h, d, where.get(slot), float(src[kv_][0][where[slot], h, d]) if slot in where else None,
+               hex(int(want[kv_, slot, h, d])), hex(int(got[kv_, slot, h, d]))) for kv_, slot, h, d in bad[:8]]
+    assert not bad, f"{len(bad)} codes differ (kv, slot, head, dim, token, x, want, got): {detail}"
 
 
 def _ordered(codes: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,9 @@ FP8 = torch.float8_e4m3fn
 # (measured over 80 prompts of llama and qwen2); the bounds below leave about 2x.
 MAX_LOGPROB_SHIFT = 0.5
 MEAN_LOGPROB_SHIFT = 0.15
+# The same FP8 engine through Triton kernels and through the torch reference ops on one GPU: the
+# same quantization, different rounding of the attention dots (fp16 vs bf16 for bf16 models).
+GPU_LOGPROB_SHIFT = 0.05
 
 
 @dataclass
@@ -149,7 +152,10 @@ def test_fp8_option_without_scales_uses_scale_one(pair: Fp8Pair, caplog: pytest.
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16: the attention dots run in fp16
 def test_fp8_kv_on_gpu_matches_the_torch_reference(pair: Fp8Pair, dtype: str, tmp_path: Path) -> None:
     """Triton kernels with CUDA graphs, Triton eager and the torch reference ops on the same FP8
-    engine: the first decode tokens agree (later ones may flip near-ties of a random model)."""
+    engine: graphs and eager agree on the first decode tokens (later ones may flip near-ties of a
+    random model); the reference's first-token logprobs sit within GPU_LOGPROB_SHIFT of the
+    kernels' (bf16: Triton's attention dots run in fp16, the reference's in bf16), and its first
+    token is the same wherever the kernels' top-2 margin is wider than twice that."""
     engine_dir = pair.fp8_dir
     if dtype == "bfloat16":
         engine_dir = tmp_path / "bf16-fp8"
@@ -163,11 +169,18 @@ def test_fp8_kv_on_gpu_matches_the_torch_reference(pair: Fp8Pair, dtype: str, tm
                                            num_kv_cache_tokens=4096, max_batch_size=8, **options)
         try:
             for i, prompt in enumerate(prompts):
-                engine.add_request(str(i), prompt, greedy(8))
+                engine.add_request(str(i), prompt, greedy(8, logprobs=2))
             outputs = drain(engine)
             assert engine.runner.kv_cache.kv[0].dtype == FP8
-            runs[name] = [outputs[str(i)].outputs[0].token_ids for i in range(len(prompts))]
+            runs[name] = [outputs[str(i)].outputs[0] for i in range(len(prompts))]
         finally:
             engine.shutdown()
-    assert [r[:3] for r in runs["graphs"]] == [r[:3] for r in runs["eager"]]
-    assert [r[:2] for r in runs["torch"]] == [r[:2] for r in runs["eager"]]
+    assert [o.token_ids[:3] for o in runs["graphs"]] == [o.token_ids[:3] for o in runs["eager"]]
+    for kernels, reference in zip(runs["eager"], runs["torch"]):
+        top = dict(kernels.logprobs[0].top)
+        ref_top = dict(reference.logprobs[0].top)
+        shared = top.keys() & ref_top.keys()
+        assert shared and max(abs(top[t] - ref_top[t]) for t in shared) < GPU_LOGPROB_SHIFT
+        margin = kernels.logprobs[0].top[0][1] - kernels.logprobs[0].top[1][1]
+        if margin > 2 * GPU_LOGPROB_SHIFT:
+            assert reference.token_ids[0] == kernels.token_ids[0]

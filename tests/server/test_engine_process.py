@@ -98,6 +98,22 @@ def test_bad_requests_are_rejected_at_once_and_aborts_free_the_engine(remote):
     assert remote.get_stats().num_running == 0 and remote.get_stats().kv_cache_usage == 0.0
 
 
+def test_wake_ends_a_step_waiting_on_an_idle_child(remote, monkeypatch):
+    """AsyncEngine wakes a waiting step() when it has adds or aborts to hand over: with nothing
+    coming from the child, step() would otherwise wait out its whole poll."""
+    import threading
+
+    from kiln.server import engine_process
+
+    monkeypatch.setattr(engine_process, "_POLL_S", 60.0)
+    assert not remote.has_unfinished_requests()
+    timer = threading.Timer(0.2, remote.wake)
+    start = time.monotonic()
+    timer.start()
+    assert remote.step() == []
+    assert time.monotonic() - start < 30.0  # woken, not timed out
+
+
 def test_a_failed_start_and_a_dead_engine_are_one_line_errors(engine_dir, tmp_path):
     with pytest.raises(EngineProcessError, match="kiln.json|engine"):
         EngineProcess(EngineConfig(engine_dir=str(tmp_path / "missing"), **OPTIONS))
