@@ -83,9 +83,31 @@ TUNED: dict[tuple[int, int, str], GemvConfig] = {
 }
 
 
-# FP8 weights: not tuned on a GPU yet (scripts/bench_gemv_gpu.py --fp8 sweeps them); the
-# heuristic keeps the bf16 tiles' bytes per weight load (twice the elements per K step).
-TUNED_FP8: dict[tuple[int, int, str], GemvConfig] = {}
+# FP8 weights, tuned on an H200 (Triton 3.6, torch 2.11; scripts/check_fp8_gpu.py --sweep, 2026-11-30,
+# bf16 activations, graph-timed over distinct weight copies; Llama-3.1-8B and 70B tp 1 shapes).
+# Other shapes use the heuristic, which keeps the bf16 tiles' bytes per weight load.
+TUNED_FP8: dict[tuple[int, int, str], GemvConfig] = {
+    (6144, 4096, "m1"): GemvConfig(16, 2048, 4, 2, False),  # Llama-3.1-8B qkv
+    (6144, 4096, "m2"): GemvConfig(4, 2048, 4, 2, False),
+    (6144, 4096, "m8"): GemvConfig(64, 256, 4, 3, True),
+    (4096, 4096, "m1"): GemvConfig(8, 2048, 4, 2, False),  # o_proj
+    (4096, 4096, "m2"): GemvConfig(4, 2048, 4, 2, False),
+    (4096, 4096, "m8"): GemvConfig(32, 256, 4, 3, True),
+    (28672, 4096, "m1"): GemvConfig(16, 2048, 4, 2, False),  # gate_up
+    (28672, 4096, "m2"): GemvConfig(128, 128, 8, 3, True),
+    (28672, 4096, "m8"): GemvConfig(128, 128, 8, 3, True),
+    (4096, 14336, "m1"): GemvConfig(16, 2048, 4, 3, False),  # down
+    (4096, 14336, "m2"): GemvConfig(4, 2048, 4, 3, False),
+    (4096, 14336, "m8"): GemvConfig(32, 256, 4, 3, True),
+    (10240, 8192, "m1"): GemvConfig(16, 2048, 4, 2, False),  # Llama-3.1-70B qkv
+    (10240, 8192, "m2"): GemvConfig(4, 2048, 4, 2, False),
+    (10240, 8192, "m8"): GemvConfig(128, 512, 8, 3, True),
+    (8192, 8192, "m1"): GemvConfig(16, 2048, 4, 2, False),  # o_proj
+    (8192, 8192, "m2"): GemvConfig(4, 2048, 4, 2, False),
+    (8192, 8192, "m8"): GemvConfig(64, 256, 4, 3, True),
+    (57344, 8192, "m1"): GemvConfig(16, 2048, 4, 2, False),  # gate_up
+    (57344, 8192, "m2"): GemvConfig(128, 128, 8, 3, True),
+}
 
 
 def _heuristic(n: int, k: int, m: int, fp8: bool = False) -> GemvConfig:
