@@ -20,7 +20,7 @@ def test_example_yaml_loads_and_flags_win(tmp_path, monkeypatch):
                         "--no-prefix-caching", "--max-batch-size", "8"])
     assert cfg.port == 9001 and cfg.host == "127.0.0.1" and cfg.max_queue == 256
     assert cfg.engine.enable_prefix_caching is False and cfg.engine.max_batch_size == 8
-    assert cfg.engine.max_num_tokens == 8192 and cfg.model_name == "smollm2-135m"
+    assert cfg.engine.max_num_tokens == 2048 and cfg.model_name == "smollm2-135m"
     assert cfg.api_key is None
     assert cfg.engine.kv_cache_dtype == "auto"
     assert parse_config(["--kv-cache-dtype", "fp8", "e"]).engine.kv_cache_dtype == "fp8"
