@@ -11,9 +11,10 @@ column checks it too. Per shape and row count: Kiln's Triton kernel (``gemv_int4
 ``gemm_int4`` above), tinygemm, and dequantize + cuBLAS (``dequantize_int4`` then ``F.linear``,
 what ``Int4Linear`` runs from ``DEQUANTIZE_FROM_ROWS``), each checked against float64 and timed
 (CUDA-graph timing, L2 flushed). Prints a table last (us per call; GB/s of INT4 weight bytes up
-to 32 rows), and writes it to $OUT/bench_int4_tinygemm.md when OUT is set. About a minute.
+to 32 rows; 36 lines for the default shapes), and writes it to $OUT/bench_int4_tinygemm.md when
+OUT is set. About a minute.
 
-    PYTHONUNBUFFERED=1 python3 scripts/bench_int4_tinygemm_gpu.py [--group 128] [--shapes qkv,down]
+    PYTHONUNBUFFERED=1 python3 scripts/bench_int4_tinygemm_gpu.py [--group 128] [--shapes qkv,gate_up,down]
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def _table(rows: list[tuple]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--group", type=int, default=128)
-    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
+    parser.add_argument("--shapes", default="qkv,gate_up,down", help=f"comma-separated, of {', '.join(SHAPES)}")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
     rows = []
