@@ -42,6 +42,10 @@ DEQUANTIZE_FROM_ROWS = 1024
 """From this many rows ``Int4Linear`` dequantizes the weight to the model dtype and calls cuBLAS:
 a prefill chunk is compute-bound, where the weight's extra write and read cost a few percent of
 the GEMM and cuBLAS beats the Triton W4A16 GEMM (not yet measured: scripts/check_int4_gpu.py)."""
+TINYGEMM_BELOW_ROWS = DEQUANTIZE_FROM_ROWS
+"""Products of fewer rows run on PyTorch's tinygemm where it takes the linear (runtime/quant/
+tinygemm.py: bf16, sm >= 80): 1.5-10x faster than ``gemv_int4``/``gemm_int4`` at 1-32 rows on an
+H200 (scripts/bench_int4_tinygemm_gpu.py; its table up to 1024 rows sets this and the above)."""
 _MAGIC = tl.constexpr(0x4B000008)  # fp32 bits of 2^23 + 8; xor with a nibble n gives 2^23 + (n ^ 8) = 2^23 + q + 8
 _MAGIC_VALUE = tl.constexpr(8388616.0)  # 2^23 + 8
 
@@ -406,5 +410,5 @@ def _check(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: t
 
 
 __all__ = ["DEQUANTIZE_FROM_ROWS", "GROUP_SIZES", "Int4GemmConfig", "Int4GemvConfig", "KernelInputError",
-           "SUPPORTED_DTYPES", "dequantize_int4", "gemm_int4", "gemv_int4", "pick_gemm_config", "pick_gemv_config",
-           "repack"]
+           "SUPPORTED_DTYPES", "TINYGEMM_BELOW_ROWS", "dequantize_int4", "gemm_int4", "gemv_int4", "pick_gemm_config",
+           "pick_gemv_config", "repack"]

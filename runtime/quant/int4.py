@@ -9,6 +9,13 @@ their weights are repacked once at load (``kernels.int4.repack``). Prefill-sized
 (``DEQUANTIZE_FROM_ROWS``) multiply W rounded to the model dtype with cuBLAS instead (a relative
 difference of at most 2^-9 per weight in bf16). Elsewhere (CPU, or the torch
 kernel set) the reference dequantizes W in fp32 and multiplies: exact up to summation order.
+
+tinygemm (quant/tinygemm.py): with bf16 activations on sm >= 80, a linear whose shape tinygemm
+takes runs every product of fewer than ``Int4Ops.tinygemm_below_rows`` rows on it instead of
+the Triton kernels (it is 1.5-10x faster at 1-32 rows on an H200); the fused small-batch path
+then runs Kiln's norm / SiLU kernels, tinygemm and the residual add one after another, rounding
+where the fused kernel does. Prefill-sized batches still dequantize from Kiln's layout, so such
+a linear keeps both layouts on the GPU: 1 byte per weight instead of 0.5 (still half of bf16).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import torch.nn.functional as F
 from kiln.engine_builder.int4 import GROUP_SIZES, INT4_ALGOS, PREQUANT, SCALE, ZERO, dequantize, unpack_int4
 from kiln.runtime.layers import linear_prologue
 from kiln.runtime.linear import LinearContext, LinearMethod, TensorGetter, UnsupportedQuantizationError, _required, _to
+from kiln.runtime.quant.tinygemm import TinygemmWeight, tinygemm_accepts
 
 # ----------------------------------------------------------------------------- references
 # Same signatures as the kernels of kiln.runtime.kernels.int4 (weights in the engine's packing).
@@ -71,6 +79,7 @@ class Int4Ops:
     max_small_rows: int = 0  # ``apply`` runs ``small`` up to this many rows
     dequantize_from_rows: int = 0  # ``apply`` runs cuBLAS on ``dequantize``'s W from this many rows
     fused_layers: bool = False  # whether the model should run its fused small-batch layers on ``small``
+    tinygemm_below_rows: int = 0  # products of fewer rows run on tinygemm where it takes the linear
 
 
 def select_int4_ops(ops: Any) -> Int4Ops:
@@ -79,7 +88,8 @@ def select_int4_ops(ops: Any) -> Int4Ops:
     from kiln.runtime.kernels import int4 as k
 
     return Int4Ops(small=k.gemv_int4, gemm=k.gemm_int4, dequantize=k.dequantize_int4, repack=k.repack,
-                   max_small_rows=k.MAX_ROWS, dequantize_from_rows=k.DEQUANTIZE_FROM_ROWS, fused_layers=True)
+                   max_small_rows=k.MAX_ROWS, dequantize_from_rows=k.DEQUANTIZE_FROM_ROWS, fused_layers=True,
+                   tinygemm_below_rows=k.TINYGEMM_BELOW_ROWS)
 
 
 # ----------------------------------------------------------------------------- the method
@@ -90,25 +100,34 @@ class Int4Linear(LinearMethod):
     optional ``prequant`` [K], all but the weight in the compute dtype.
 
     Invariants: g divides K; ``weight`` is in the layout ``int4.small``/``gemm`` read (repacked
-    at load on the Triton path, the engine's packing otherwise); ``prepare`` applies ``prequant``
-    so ``apply`` takes x' (``small`` applies it inside the kernel); parts joined by ``concat``
-    share one ``prequant`` (they read the same input).
+    at load on the Triton path, the engine's packing otherwise); ``tinygemm``, when not None,
+    holds the same q, s, z in tinygemm's layout (an extra 0.5 byte per weight: Kiln's layout stays
+    for the dequantize + cuBLAS path of big batches); ``prepare`` applies ``prequant`` so
+    ``apply`` takes x' (``small`` applies it itself); parts joined by ``concat`` share one
+    ``prequant`` (they read the same input).
     """
 
     quant_algo = "W4A16_AWQ"
 
     def __init__(self, ctx: LinearContext, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                 prequant: torch.Tensor | None, group_size: int, repacked: bool = False) -> None:
+                 prequant: torch.Tensor | None, group_size: int, repacked: bool = False,
+                 tinygemm: TinygemmWeight | None = None) -> None:
+        """``repacked``: ``packed`` is already in the kernels' layout (``concat``), and then
+        ``tinygemm`` is the parts' joined tinygemm weight, if any (else it is made here)."""
         super().__init__(ctx, packed.shape[1] * 2, packed.shape[0])
         self.int4 = select_int4_ops(ctx.ops)
         self.group_size = group_size
         packed = packed.to(ctx.device).contiguous()
-        if self.int4.repack is not None and not repacked:
-            packed = self.int4.repack(packed, group_size)
-        self.weight = packed
         self.scales = _to(ctx, scales)
         self.zeros = None if zeros is None else _to(ctx, zeros)
         self.prequant = None if prequant is None else _to(ctx, prequant.reshape(-1))
+        if not repacked and self.int4.tinygemm_below_rows and tinygemm_accepts(
+                self.out_features, self.in_features, group_size, ctx.dtype, ctx.device):
+            tinygemm = TinygemmWeight.from_engine(packed, self.scales, self.zeros, group_size)
+        self.tinygemm = tinygemm
+        if self.int4.repack is not None and not repacked:
+            packed = self.int4.repack(packed, group_size)
+        self.weight = packed
 
     @classmethod
     def load(cls, ctx: LinearContext, get: TensorGetter, prefix: str) -> Int4Linear:
@@ -139,7 +158,8 @@ class Int4Linear(LinearMethod):
             raise UnsupportedQuantizationError("linears fused into one GEMM have different prequant_scaling_factor")
         zeros = None if first.zeros is None else torch.cat([p.zeros for p in int4_parts], dim=1)
         return cls(first.ctx, torch.cat([p.weight for p in int4_parts]), torch.cat([p.scales for p in int4_parts], dim=1),
-                   zeros, pre[0], first.group_size, repacked=True)
+                   zeros, pre[0], first.group_size, repacked=True,
+                   tinygemm=TinygemmWeight.concat([p.tinygemm for p in int4_parts]))
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.prequant is None else prescale(x, self.prequant)
@@ -148,6 +168,8 @@ class Int4Linear(LinearMethod):
         ops = self.int4
         if ops.gemm is None:
             y = ops.linear(x, self.weight, self.scales, self.zeros, self.group_size)
+        elif self.tinygemm is not None and x.shape[0] < ops.tinygemm_below_rows:
+            y = self.tinygemm(x)
         elif x.shape[0] <= ops.max_small_rows:
             y = ops.small(x, self.weight, self.scales, self.zeros, self.group_size)
         elif x.shape[0] >= ops.dequantize_from_rows:
@@ -161,7 +183,21 @@ class Int4Linear(LinearMethod):
         return self.int4.fused_layers
 
     def small(self, x: torch.Tensor, **fused: Any) -> torch.Tensor:
+        if self.tinygemm is not None and x.shape[0] < self.int4.tinygemm_below_rows:
+            return self._tinygemm_small(x, **fused)
         return self.int4.small(x, self.weight, self.scales, self.zeros, self.group_size, prequant=self.prequant, **fused)
+
+    def _tinygemm_small(self, x: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
+                        silu_mul: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``small`` unfused around tinygemm, rounding where ``fused_linear_int4`` does: Kiln's
+        norm (no residual: one fp32 pass, one rounding) or SiLU-and-mul kernel, the prequant
+        scale, the product, then the residual add (bf16 adds in fp32 and rounds once)."""
+        if norm_weight is not None:
+            x, _ = self.ops.fused_add_rms_norm(x, None, norm_weight, eps)
+        elif silu_mul:
+            x = self.ops.silu_and_mul(x)
+        y = self.tinygemm(self.prepare(x))
+        return y if residual is None else y.add_(residual)
 
 
 class Int4RtnLinear(Int4Linear):
