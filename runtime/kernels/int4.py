@@ -38,14 +38,17 @@ from ._common import SUPPORTED_DTYPES, KernelInputError, check, check_dtype, dot
 from .gemv import MAX_ROWS, _row_rstd, _store, _x_step
 
 GROUP_SIZES = INT4_GROUP_SIZES  # a group's bytes split into two halves of >= 16 (the dots' K)
-DEQUANTIZE_FROM_ROWS = 1024
+DEQUANTIZE_FROM_ROWS = 16
 """From this many rows ``Int4Linear`` dequantizes the weight to the model dtype and calls cuBLAS:
-a prefill chunk is compute-bound, where the weight's extra write and read cost a few percent of
-the GEMM and cuBLAS beats the Triton W4A16 GEMM (not yet measured: scripts/check_int4_gpu.py)."""
-TINYGEMM_BELOW_ROWS = DEQUANTIZE_FROM_ROWS
+on an H200 (scripts/bench_int4_tinygemm_gpu.py, Llama-3.1-8B shapes, 2026-11-30) that beat
+``gemm_int4`` at every row count from 16 (qkv at 16 rows: 34.8 vs 47.5 us; at 1024: 93 vs 373 us)
+and tinygemm from 32 (qkv 35.0 vs 61.4 us; gate_up 159.5 vs 261.2 us): writing and reading W in
+bf16 costs less than these kernels lose to cuBLAS's tensor-core tiles."""
+TINYGEMM_BELOW_ROWS = 32
 """Products of fewer rows run on PyTorch's tinygemm where it takes the linear (runtime/quant/
-tinygemm.py: bf16, sm >= 80): 1.5-10x faster than ``gemv_int4``/``gemm_int4`` at 1-32 rows on an
-H200 (scripts/bench_int4_tinygemm_gpu.py; its table up to 1024 rows sets this and the above)."""
+tinygemm.py: bf16, sm >= 80). On the same H200 table: 1.6-11x faster than ``gemv_int4`` at 1-8
+rows (gate_up at one row 33.0 vs 54.2 us, 1.9 TB/s of INT4 weights; at two rows 34.0 vs 393 us),
+and within 4% of or ahead of dequantize + cuBLAS at 16 rows; from 32 rows cuBLAS wins."""
 _MAGIC = tl.constexpr(0x4B000008)  # fp32 bits of 2^23 + 8; xor with a nibble n gives 2^23 + (n ^ 8) = 2^23 + q + 8
 _MAGIC_VALUE = tl.constexpr(8388616.0)  # 2^23 + 8
 
