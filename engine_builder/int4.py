@@ -163,3 +163,24 @@ def fake_quantize(w: torch.Tensor, group_size: int, zero_point: bool, dtype: tor
                   clip: torch.Tensor | None = None) -> torch.Tensor:
     """float32 ``dequantize(quantize_rtn(w))``: what the engine will compute with instead of w."""
     return quantize_rtn(w, group_size, zero_point, dtype, clip).dequantize()
+
+
+def quantize_gptq(w: torch.Tensor, gram: torch.Tensor, grid: QuantizedWeight) -> QuantizedWeight:
+    """``w`` [N, K] rounded by GPTQ (engine_builder/gptq.py) onto ``grid``'s group scales and zero
+    points, which stay as they are: y = x @ W^T stays closer to the source on inputs with Gram
+    matrix ``gram`` [K, K] than round-to-nearest on the same grid."""
+    from kiln.engine_builder.gptq import gptq
+
+    g = grid.group_size
+    scales = grid.scales.float().t().to(w.device)  # [N, K/g]
+    zeros = torch.zeros_like(scales) if grid.zeros is None else grid.zeros.float().t().to(w.device)
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+
+    def on_grid(values: torch.Tensor, column: int) -> torch.Tensor:
+        s, z = safe[:, column // g], zeros[:, column // g]
+        return torch.round((values - z) / s).clamp_(QMIN, QMAX) * s + z
+
+    rounded = gptq(w, gram, on_grid)
+    s_full, z_full = safe.repeat_interleave(g, dim=1), zeros.repeat_interleave(g, dim=1)
+    q = torch.round((rounded - z_full) / s_full).clamp_(QMIN, QMAX).to(torch.int8)
+    return QuantizedWeight(q.cpu(), grid.scales, grid.zeros, g)

@@ -30,7 +30,7 @@ from kiln.engine_builder.calibration import CalibrationOptions, calibration_devi
 from kiln.engine_builder.errors import BuildOptionError
 from kiln.engine_builder.format import KV_CACHE_SCALE, LAYER, ModelConfig, plan_rank
 from kiln.engine_builder.int4 import (GROUP_SIZES, PREQUANT, SCALE, WEIGHT, ZERO, check_group_size, int4_quantization,
-                                      parse_int4_piece, quantize_rtn)
+                                      parse_int4_piece, quantize_gptq, quantize_rtn)
 from kiln.runtime.quant.fp8 import FP8_MAX
 
 logger = logging.getLogger(__name__)
@@ -53,13 +53,15 @@ class Int4Options(CalibrationOptions):
     """What ``--int4-awq`` (``awq``) or ``--int4`` (plain round-to-nearest) builds: groups of
     ``group_size`` inputs, with zero points unless symmetric, AWQ's clipping search (``clip``),
     attention.dense's scales folded into v (``dense="fold"``) or stored as pre-quantization scales
-    (``"prequant"``), and FP8 KV-cache scales (``kv_cache_fp8``). Calibration fields as
+    (``"prequant"``), GPTQ rounding on the AWQ-scaled weights with the searched group scales kept
+    (``gptq``; AWQ only), and FP8 KV-cache scales (``kv_cache_fp8``). Calibration fields as
     CalibrationOptions'."""
 
     awq: bool = True
     group_size: int = 128
     zero_point: bool = True
     clip: bool = True
+    gptq: bool = True
     dense: str = "fold"
     kv_cache_fp8: bool = False
 
@@ -82,6 +84,15 @@ class Int4Options(CalibrationOptions):
         return {**q, "kv_cache_quant_algo": "FP8" if self.kv_cache_fp8 else None}
 
 
+class PackedWeight(NamedTuple):
+    """A quantized source linear as the engine stores it: packed int4 [N, K/2], scales and zero
+    points [K/g, N] (zeros None when symmetric)."""
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+
+
 @dataclass
 class LayerAwq:
     """One layer's AWQ result (CPU): input scales per group, clipping indices per source key
@@ -91,6 +102,7 @@ class LayerAwq:
     clip: dict[str, torch.Tensor] = field(default_factory=dict)
     alpha: dict[str, float] = field(default_factory=dict)
     error_ratio: dict[str, float] = field(default_factory=dict)  # AWQ / RTN output error on the sample
+    packed: dict[str, PackedWeight] = field(default_factory=dict)  # GPTQ-rounded linears (source key)
 
 
 @dataclass
@@ -119,7 +131,8 @@ class Int4Recipe:
                                   "kv_cache": "fp8" if o.kv_cache_fp8 else None}
         if self.layers:
             record.update(alpha_grid=a.grid, clip=a.clip, clip_grid=a.clip_grid if a.clip else None,
-                          clip_max_shrink=a.clip_max_shrink if a.clip else None, dense=o.dense)
+                          clip_max_shrink=a.clip_max_shrink if a.clip else None, dense=o.dense,
+                          rounding="gptq" if o.gptq else "round-to-nearest")
             record["groups"] = {g: {"mean_alpha": round(sum(lr.alpha[g] for lr in self.layers) / len(self.layers), 4),
                                     "mean_error_vs_rtn": round(sum(lr.error_ratio[g] for lr in self.layers)
                                                                / len(self.layers), 4)} for g in GROUPS}
@@ -130,7 +143,7 @@ class AwqCalibrator:
     """The ``calibration.run_layerwise`` visitor that searches each layer's scales (and clipping)."""
 
     def __init__(self, recipe: Int4Recipe, mc: ModelConfig) -> None:
-        self.recipe = recipe
+        self.recipe, self.mc = recipe, mc
         d, group = mc.head_size, mc.num_attention_heads // mc.num_key_value_heads
         # attention.dense's input channel (head h, i) reads v's row (kv head h // group, i).
         heads = torch.arange(mc.num_attention_heads * d) // d
@@ -157,15 +170,50 @@ class AwqCalibrator:
                     lr.clip[key] = search_clip(x, w[key] * found.scales, o).cpu()
         assert len(recipe.layers) == layer, "layers are visited in order"
         recipe.layers.append(lr)
+        if recipe.options.gptq:
+            self._gptq(layer, w, stats, lr)
+
+    def _gptq(self, layer: int, w: dict[str, torch.Tensor], stats: dict[str, Any], lr: LayerAwq) -> None:
+        """GPTQ-round each linear of ``layer`` on its AWQ-scaled inputs, keeping the group scales
+        and zero points the (clipped) round-to-nearest chose: the layout stays the same."""
+        o, dtype = self.recipe.awq, self.recipe.awq.dtype
+        for group, (keys, site) in GROUPS.items():
+            s = layer_scale(self.recipe, layer, group, False, self.mc).to(w[keys[0]].device)
+            gram = stats[site].gram / (s.unsqueeze(1) * s.unsqueeze(0))
+            for key in keys:
+                weight = awq_weight(self.recipe, layer, key, w[key], self.mc)
+                grid = quantize_rtn(weight, o.group_size, o.zero_point, dtype, clip_for(lr.clip.get(key), o))
+                q = quantize_gptq(weight, gram, grid)
+                lr.packed[key] = PackedWeight(q.packed().cpu(), q.scales.cpu(), None if q.zeros is None else q.zeros.cpu())
 
 
-class PackedWeight(NamedTuple):
-    """A quantized source linear as the engine stores it: packed int4 [N, K/2], scales and zero
-    points [K/g, N] (zeros None when symmetric)."""
+def layer_scale(recipe: Int4Recipe, layer: int, group: str, fold: bool, mc: ModelConfig) -> torch.Tensor | None:
+    """The AWQ scale s of ``group`` in ``layer`` (None: RTN, or a layer not searched yet), as the
+    fold divides by it (v rows: per KV head channel) when ``fold``, else over the group's input
+    channels."""
+    if len(recipe.layers) <= layer:
+        return None
+    s = recipe.layers[layer].scales[group]
+    if group != "dense":
+        return s
+    if recipe.dense == "prequant":
+        return None if fold else s
+    if not fold:
+        return s
+    d, per = mc.head_size, mc.num_attention_heads // mc.num_key_value_heads  # s repeats per KV group:
+    return s.view(mc.num_key_value_heads, per, d)[:, 0].reshape(-1)  # v's row (kv, i) divides by head 0's
 
-    packed: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor | None
+
+def awq_weight(recipe: Int4Recipe, layer: int, key: str, w: torch.Tensor, mc: ModelConfig) -> torch.Tensor:
+    """Source linear ``key`` of ``layer`` (float32 [N, K]) as it is quantized: its inputs scaled by
+    its group's s, its rows (v, up) divided by the next group's."""
+    s = layer_scale(recipe, layer, GROUP_OF_KEY[key], False, mc)
+    if s is not None:
+        w = w * s.to(w.device)
+    if key in ROW_FOLDS:  # v and up: the next group's scale divides their rows
+        rows = layer_scale(recipe, layer, ROW_FOLDS[key], True, mc)
+        w = w if rows is None else w / rows.to(w.device)[:, None]
+    return w
 
 
 class Int4Source:
@@ -217,34 +265,17 @@ class Int4Source:
         return t.float() / (s if t.dim() == 1 else s[:, None])
 
     def _scale(self, layer: int, group: str, fold: bool) -> torch.Tensor | None:
-        """The AWQ scale s of ``group`` (None: RTN), as the fold divides by it (v rows: per KV
-        head channel) when ``fold``, else over the group's input channels."""
-        if not self.recipe.layers:
-            return None
-        s = self.recipe.layers[layer].scales[group]
-        if group != "dense":
-            return s
-        if self.recipe.dense == "prequant":
-            return None if fold else s
-        if not fold:
-            return s
-        mc = self.mc  # s repeats per KV group: v's row (kv, i) divides by the first query head's
-        d, per = mc.head_size, mc.num_attention_heads // mc.num_key_value_heads
-        return s.view(mc.num_key_value_heads, per, d)[:, 0].reshape(-1)
+        return layer_scale(self.recipe, layer, group, fold, self.mc)
 
     def _quantized(self, name: str) -> PackedWeight:
         """The INT4 form of source linear ``name`` (full, unsharded), cached for its layer."""
         layer, key = self._roles[name]
         if layer != self._cached_layer:
             self._cache, self._cached_layer = {}, layer
+        if self.recipe.layers and key in self.recipe.layers[layer].packed:  # GPTQ's, from calibration
+            return self.recipe.layers[layer].packed[key]
         if name not in self._cache:
-            w = self.source.read(name).to(self.device, torch.float32)
-            s = self._scale(layer, GROUP_OF_KEY[key], fold=False)
-            if s is not None:
-                w = w * s.to(self.device)
-            if key in ROW_FOLDS:  # v and up: the next group's scale divides their rows
-                rows = self._scale(layer, ROW_FOLDS[key], fold=True)
-                w = w if rows is None else w / rows.to(self.device)[:, None]
+            w = awq_weight(self.recipe, layer, key, self.source.read(name).to(self.device, torch.float32), self.mc)
             o = self.recipe.awq
             clip = self.recipe.layers[layer].clip.get(key) if self.recipe.layers else None
             q = quantize_rtn(w, o.group_size, o.zero_point, self.mc.torch_dtype, clip_for(clip, o))
@@ -322,7 +353,7 @@ def prepare_int4(src: Any, src_dir: Path | None, mc: ModelConfig, names: dict[st
     if options.awq or options.kv_cache_fp8:
         logger.info("calibrating on %d x %d tokens of %r (%s)", *calib.calibration.shape, calib.name, device)
         run_layerwise(src, mc, names, calib.calibration, AwqCalibrator(recipe, mc), sample_rows=options.sample_rows,
-                      device=device, progress=progress)
+                      gram=options.awq and options.gptq, device=device, progress=progress)
     compare = []
     if options.awq:  # the same engine without AWQ, for the quality report
         rtn_options = dataclasses.replace(options, awq=False)

@@ -138,7 +138,7 @@ def test_awq_search_beats_rtn_on_held_out_activations(tiny_src: Path):
     src = HFCheckpoint(tiny_src)
     arch = get_architecture(src.config)
     mc = arch.model_config(src.config, 1, None)
-    options = Int4Options(clip=False, **TINY)
+    options = Int4Options(clip=False, gptq=False, **TINY)
     calib = options.calibration_set(tokenizer(tiny_src))
     recipe = Int4Recipe.for_options(options, torch.float32)
     run_layerwise(src, mc, arch.names, calib.calibration, AwqCalibrator(recipe, mc), sample_rows=256, progress=False)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kiln.engine_builder.awq import AwqOptions, clip_for, output_error, search_clip, search_scales
-from kiln.engine_builder.int4 import dequantize, fake_quantize, pack_int4, quantize_rtn, unpack_int4
+from kiln.engine_builder.int4 import dequantize, fake_quantize, pack_int4, quantize_gptq, quantize_rtn, unpack_int4
 
 
 def test_pack_round_trip_and_byte_layout():
@@ -113,3 +113,18 @@ def test_clip_search_never_loses_to_no_clipping():
     assert index.shape == (32, 4) and index.dtype == torch.uint8 and int(index.max()) > 0
     clipped = fake_quantize(w, 32, False, torch.float32, clip_for(index, options))
     assert output_error(x, w, clipped) < output_error(x, w, fake_quantize(w, 32, False, torch.float32))
+
+
+@pytest.mark.parametrize("zero_point", [True, False])
+def test_gptq_keeps_the_grid_and_beats_rtn_on_held_out_rows(zero_point: bool):
+    """GPTQ rounding onto round-to-nearest's group scales: the same scales and zero points, every
+    value on that grid, and a lower output error on rows it never saw (correlated inputs)."""
+    gen = torch.Generator().manual_seed(7)
+    mix = torch.randn(128, 128, generator=gen) / 8 + torch.eye(128)
+    x, held_out = _activations(512, 128, gen) @ mix, _activations(512, 128, gen) @ mix
+    w = torch.randn(48, 128, generator=gen) * 0.05
+    rtn = quantize_rtn(w, 32, zero_point, torch.float32)
+    gptq = quantize_gptq(w, x.T @ x, rtn)
+    assert gptq.scales is rtn.scales and gptq.zeros is rtn.zeros
+    assert int(gptq.q.min()) >= -8 and int(gptq.q.max()) <= 7 and not torch.equal(gptq.q, rtn.q)
+    assert output_error(held_out, w, gptq.dequantize()) < 0.8 * output_error(held_out, w, rtn.dequantize())
