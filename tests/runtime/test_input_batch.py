@@ -18,9 +18,7 @@ REQUESTS = {"a": ([5, 6, 7, 8, 9], [3, 9, 1]), "b": ([40, 41], [12, 2]), "c": ([
 
 
 def static_inputs(batch: InputBatch, size: int, query_len: int) -> ModelInputs:
-    if query_len == 1:
-        return batch.static_decode_inputs(size)
-    return batch.static_verify_inputs(size)
+    return batch.static_inputs(size, query_len)
 
 
 def make_batch() -> InputBatch:
