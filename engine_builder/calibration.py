@@ -40,6 +40,7 @@ from kiln.engine_builder.errors import BuildOptionError
 from kiln.engine_builder.format import ModelConfig
 from kiln.engine_builder.options import DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQ_LEN, DEFAULT_QUALITY_SAMPLES
 from kiln.engine_builder.source import TensorSource
+from kiln.scheduler.block_manager import cdiv
 
 logger = logging.getLogger(__name__)
 
@@ -277,7 +278,7 @@ def run_layerwise(source: TensorSource, mc: ModelConfig, names: dict[str, str], 
     cos_sin = build_cos_sin_cache(mc.head_size, seq_len, mc.rotary_base, mc.rotary_scaling).to(device)
     widest = max(mc.intermediate_size * 2, (mc.num_attention_heads + 2 * mc.num_key_value_heads) * mc.head_size)
     chunk = max(1, min(samples, _CHUNK_ELEMENTS // (seq_len * widest)))
-    per_chunk = -(-sample_rows // -(-samples // chunk))
+    per_chunk = cdiv(sample_rows, cdiv(samples, chunk))
     gen = torch.Generator().manual_seed(0)
     bar = tqdm(total=mc.num_hidden_layers * samples, desc="calibrate", unit="seq", disable=not progress)
     for layer in range(mc.num_hidden_layers):

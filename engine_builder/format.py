@@ -27,7 +27,6 @@ quantizing source serves each rank's tensor whole (``int4.int4_piece``).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from kiln.engine_builder.errors import BuildOptionError, EngineFormatError
 from kiln.engine_builder.int4 import INT4_ALGOS, plan_int4_linear
 from kiln.engine_builder.options import DTYPE_NAMES
 from kiln.engine_builder.writer import read_header
+from kiln.scheduler.block_manager import cdiv
 
 FORMAT_NAME = "kiln-engine"
 FORMAT_VERSION = 1
@@ -134,7 +134,7 @@ class ModelConfig:
 
     @property
     def padded_vocab_size(self) -> int:
-        return math.ceil(self.vocab_size / self.tp_size) * self.tp_size
+        return cdiv(self.vocab_size, self.tp_size) * self.tp_size
 
     @property
     def num_heads_per_rank(self) -> int:

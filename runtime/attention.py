@@ -47,6 +47,32 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
 
+    @classmethod
+    def padding(cls, slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                query_start_loc: torch.Tensor, query_len: int, max_seq_len: int) -> AttentionMetadata:
+        """Padding rows over the given tensors, filled here: each of the B rows runs ``query_len``
+        tokens at positions 0.. of its own ``query_len``-long context, writes no KV (slot -1) and
+        reads block 0. ``query_start_loc`` ([B+1]) must already be ``arange * query_len``.
+        ``max_seq_len`` sizes the kernels' launch grids: a CUDA graph captured on these tensors
+        serves any context up to it."""
+        slot_mapping.fill_(-1)
+        block_tables.zero_()
+        seq_lens.fill_(query_len)
+        return cls(slot_mapping, block_tables, seq_lens, query_start_loc, query_len, max_seq_len)
+
+    @classmethod
+    def prompts(cls, counts: list[int], block_size: int, device: torch.device | str = "cpu") -> AttentionMetadata:
+        """Whole prompts of ``counts`` tokens from position 0, every one in blocks 0, 1, ... of
+        the cache (shared: for one prompt a real prefill, for several a memory profile whose
+        KV nobody reads). Token t of a prompt writes slot t, so ``slot_mapping`` is also the
+        flattened positions."""
+        lens = torch.tensor(counts, dtype=torch.int32)
+        qsl = torch.zeros(len(counts) + 1, dtype=torch.int32)
+        torch.cumsum(lens, 0, out=qsl[1:])
+        positions = torch.arange(int(qsl[-1])) - torch.repeat_interleave(qsl[:-1].long(), lens.long())
+        blocks = torch.arange(cdiv(max(counts), block_size), dtype=torch.int32).repeat(len(counts), 1)
+        return cls(positions.to(device), blocks.to(device), lens.to(device), qsl.to(device), max(counts), max(counts))
+
 
 # ----------------------------------------------------------------------------- references
 

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kiln.scheduler.block_manager import cdiv
 from kiln.scheduler.sampling_params import StructuredOutput
 
 logger = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ class GrammarRows:
 
     def _stop_only_mask(self) -> torch.Tensor:
         """A bitmask row allowing the stop tokens only."""
-        bits = np.zeros(-(-self.compiler.vocab_size // 32) * 32, dtype=bool)
+        bits = np.zeros(cdiv(self.compiler.vocab_size, 32) * 32, dtype=bool)
         bits[self.compiler.stop_token_ids] = True
         words = np.packbits(bits.reshape(-1, 32), axis=1, bitorder="little").view(np.int32)
         return torch.from_numpy(words.reshape(-1).copy())

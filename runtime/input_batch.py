@@ -368,14 +368,9 @@ class InputBatch(VerifyInputs):
         inputs = ModelInputs(
             input_ids=stage("input_ids", self.token_ids[token_rows, np.minimum(positions, self.max_model_len)]),
             positions=stage("positions", positions),
-            attn=AttentionMetadata(
-                slot_mapping=stage("slot_mapping", block_ids * self.block_size + positions % self.block_size),
-                block_tables=staging.stage_block_table(self.block_table[rows, :max_blocks]),
-                seq_lens=stage("seq_lens", seq_lens),
-                query_start_loc=stage("query_start_loc", query_start_loc),
-                max_query_len=int(counts.max()),
-                max_seq_len=int(seq_lens.max()),
-            ),
+            attn=self._stage_attention(block_ids * self.block_size + positions % self.block_size,
+                                       self.block_table[rows, :max_blocks], seq_lens,
+                                       stage("query_start_loc", query_start_loc), int(counts.max())),
             logits_indices=stage("logits_indices", logits_rows(query_start_loc[1:][sampled],
                                                                None if spec is None else spec[sampled])),
             num_reqs=len(rows),
@@ -417,57 +412,47 @@ class InputBatch(VerifyInputs):
         stage = staging.stage
         fill = np.flatnonzero(positions >= self.num_tokens[rows])  # pending: on the device
         fill_args = (stage("fill_index", fill), stage("fill_rows", rows[fill])) if len(fill) else None
-        sample_rows = stage("sample_rows", rows)
-        input_ids, positions_t = stage("input_ids", ids), stage("positions", pos)
-        slot_mapping, seq_lens_t = stage("slot_mapping", slots), stage("seq_lens", seq_lens)
-        block_tables = staging.stage_block_table(table)
-        staging.flush()
-        self._fill_pending(input_ids, fill_args)
-        if size is not None:
-            block_tables = staging.scatter_block_table(block_tables)
-        return ModelInputs(
-            input_ids=input_ids,
-            positions=positions_t,
-            attn=AttentionMetadata(
-                slot_mapping=slot_mapping,
-                block_tables=block_tables,
-                seq_lens=seq_lens_t,
-                # Decode: query_start_loc is always arange; the device buffer is kept that way.
-                query_start_loc=self.staging.decode_qsl[: padded + 1],
-                max_query_len=1,
-                max_seq_len=int(seq_lens[:n].max()),
-            ),
+        inputs = ModelInputs(
+            input_ids=stage("input_ids", ids),
+            positions=stage("positions", pos),
+            # Decode: query_start_loc is always arange; the device buffer is kept that way.
+            attn=self._stage_attention(slots, table, seq_lens, staging.decode_qsl[: padded + 1], 1),
             logits_indices=None,
             num_reqs=n,
             graph_batch_size=size,
-            sample_rows=sample_rows,
+            sample_rows=stage("sample_rows", rows),
         )
+        staging.flush()
+        self._fill_pending(inputs.input_ids, fill_args)
+        if size is not None:
+            inputs.attn.block_tables = staging.scatter_block_table(inputs.attn.block_tables)
+        return inputs
 
-    def static_decode_inputs(self, size: int) -> ModelInputs:
-        """The static views a decode graph of ``size`` rows is captured on, filled with
-        padding values (no KV writes), so capturing touches no request's cache."""
-        staging = self.staging
-        staging.dev["input_ids"][:size].zero_()
-        staging.dev["positions"][:size].zero_()
-        staging.dev["slot_mapping"][:size].fill_(-1)
-        staging.dev["seq_lens"][:size].fill_(1)
-        staging.block_tables[:size].zero_()
-        return ModelInputs(
-            input_ids=staging.dev["input_ids"][:size],
-            positions=staging.dev["positions"][:size],
-            attn=AttentionMetadata(
-                slot_mapping=staging.dev["slot_mapping"][:size],
-                block_tables=staging.block_tables[:size],
-                seq_lens=staging.dev["seq_lens"][:size],
-                query_start_loc=staging.decode_qsl[: size + 1],
-                max_query_len=1,
-                # The kernels size their launch grids from this bound, so a graph serves any length.
-                max_seq_len=self.max_model_len,
-            ),
-            logits_indices=None,
-            num_reqs=size,
-            graph_batch_size=size,
-        )
+    def _stage_attention(self, slots: np.ndarray, table: np.ndarray, seq_lens: np.ndarray,
+                         query_start_loc: torch.Tensor, max_query_len: int) -> AttentionMetadata:
+        """A step's attention metadata, staged (its block table compact until the graph path
+        scatters it). Padding rows' seq_lens never exceed a real row's, so their max is the real one."""
+        stage = self.staging.stage
+        return AttentionMetadata(stage("slot_mapping", slots), self.staging.stage_block_table(table),
+                                 stage("seq_lens", seq_lens), query_start_loc, max_query_len, int(seq_lens.max()))
+
+    def static_inputs(self, size: int, query_len: int = 1) -> ModelInputs:
+        """The static views a CUDA graph of ``size`` rows x ``query_len`` tokens (1: decode,
+        1 + K: verify) is captured on: the persistent device buffers every step padded to that
+        graph stages into, filled with padding rows (no KV writes), so capturing touches no
+        request's cache."""
+        if query_len not in (1, 1 + self.spec_k):
+            raise ValueError(f"graphs run 1 or 1 + K = {1 + self.spec_k} tokens per row, not {query_len}")
+        staging, num = self.staging, size * query_len
+        input_ids, positions = staging.dev["input_ids"][:num], staging.dev["positions"][:num]
+        input_ids.zero_()
+        positions.copy_(torch.arange(query_len, device=self.device).repeat(size))
+        qsl = staging.decode_qsl if query_len == 1 else self.verify_qsl
+        attn = AttentionMetadata.padding(staging.dev["slot_mapping"][:num], staging.block_tables[:size],
+                                         staging.dev["seq_lens"][:size], qsl[: size + 1], query_len,
+                                         max_seq_len=self.max_model_len)  # the kernels' grids: any length fits
+        return ModelInputs(input_ids, positions, attn, logits_indices=None, num_reqs=size, graph_batch_size=size,
+                           graph_query_len=query_len)
 
     def _sampling_batch(self, request_ids: list[str], rows: np.ndarray) -> SamplingBatch:
         sampling = self.sampling

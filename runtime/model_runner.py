@@ -19,6 +19,7 @@ from __future__ import annotations
 import gc
 import logging
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -177,11 +178,11 @@ class ModelRunner:
     def enable_decode_graphs(self, use_graphs: bool) -> None:
         """Capture decode graphs (``use_graphs=False``: run the same padded static inputs
         eagerly, which lets CPU tests check the padding path)."""
-        self.graphs = DecodeGraphs(self._graph_body, self.input_batch.static_decode_inputs, self.graph_sizes,
-                                   use_graphs)
+        batch = self.input_batch
+        self.graphs = DecodeGraphs(self._graph_body, batch.static_inputs, self.graph_sizes, use_graphs)
         self.graphs.capture()
         if self.verify_graph_sizes:
-            self.verify_graphs = DecodeGraphs(self._graph_body, self.input_batch.static_verify_inputs,
+            self.verify_graphs = DecodeGraphs(self._graph_body, partial(batch.static_inputs, query_len=1 + self.spec_k),
                                               self.verify_graph_sizes, use_graphs, pool=self.graphs.pool)
             self.verify_graphs.capture()
 
@@ -209,12 +210,10 @@ class ModelRunner:
         tokens = self.graph_sizes + [size * (1 + self.spec_k) for size in self.verify_graph_sizes]
         size, dev = max(tokens), self.device
         scratch = KVCache(spec, 1, dev)
-        attn = AttentionMetadata(
-            slot_mapping=torch.full((size,), -1, dtype=torch.int64, device=dev),
-            block_tables=torch.zeros((size, 1), dtype=torch.int32, device=dev),
-            seq_lens=torch.ones(size, dtype=torch.int32, device=dev),
-            query_start_loc=torch.arange(size + 1, dtype=torch.int32, device=dev),
-            max_query_len=1, max_seq_len=self.max_model_len,
+        attn = AttentionMetadata.padding(
+            torch.empty(size, dtype=torch.int64, device=dev), torch.empty((size, 1), dtype=torch.int32, device=dev),
+            torch.empty(size, dtype=torch.int32, device=dev), torch.arange(size + 1, dtype=torch.int32, device=dev),
+            query_len=1, max_seq_len=self.max_model_len,
         )
         ids = torch.zeros(size, dtype=torch.int64, device=dev)
         torch.cuda.synchronize(dev)
@@ -242,30 +241,16 @@ class ModelRunner:
         cfg = self.config
         num_tokens = min(cfg.max_num_tokens, cfg.max_batch_size * self.max_model_len)
         num_seqs = min(cfg.max_batch_size, num_tokens)
-        counts = np.full(num_seqs, num_tokens // num_seqs, dtype=np.int64)
-        counts[: num_tokens % num_seqs] += 1
-        blocks = spec.blocks_for_tokens(int(counts.max()))
-        scratch = KVCache(spec, blocks, self.device)
-        qsl = np.concatenate(([0], np.cumsum(counts)))
-        positions = np.arange(num_tokens) - np.repeat(qsl[:-1], counts)
+        counts = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
         dev = self.device
-
-        def tensor(values: Any, dtype: torch.dtype) -> torch.Tensor:
-            return torch.as_tensor(np.asarray(values), dtype=dtype, device=dev)
-
-        attn = AttentionMetadata(
-            slot_mapping=tensor(positions, torch.int64),
-            block_tables=tensor(np.tile(np.arange(blocks), (num_seqs, 1)), torch.int32),
-            seq_lens=tensor(counts, torch.int32),
-            query_start_loc=tensor(qsl, torch.int32),
-            max_query_len=int(counts.max()),
-            max_seq_len=int(counts.max()),
-        )
+        attn = AttentionMetadata.prompts(counts, spec.block_size, dev)
+        scratch = KVCache(spec, attn.block_tables.shape[1], dev)
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
         input_ids = torch.randint(0, self.vocab_size, (num_tokens,), device=dev)
-        logits = self.model(input_ids, tensor(positions, torch.int64), scratch.kv, attn, tensor(qsl[1:] - 1, torch.int64))
+        last = attn.query_start_loc[1:].long() - 1  # each prompt's last token: its logits row
+        logits = self.model(input_ids, attn.slot_mapping, scratch.kv, attn, last)
         params = [SamplingParams(temperature=1.0, top_p=0.9, top_k=50, logprobs=SamplingParams.MAX_LOGPROBS)] * num_seqs
         metadata = SamplingMetadata.build(params, [None] * num_seqs, [[]] * num_seqs, [[]] * num_seqs,
                                           self.vocab_size, dev)

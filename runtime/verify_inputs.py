@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from kiln.runtime.attention import AttentionMetadata
 from kiln.runtime.verify import VerifyBatch, VerifyOutput
 from kiln.scheduler.block_manager import cdiv
 
@@ -101,14 +100,7 @@ class VerifyInputs:
         inputs = ModelInputs(
             input_ids=stage("input_ids", ids),
             positions=stage("positions", flat_pos),
-            attn=AttentionMetadata(
-                slot_mapping=stage("slot_mapping", slots),
-                block_tables=staging.stage_block_table(table),
-                seq_lens=stage("seq_lens", seq_lens),
-                query_start_loc=self.verify_qsl[: size + 1],
-                max_query_len=q,
-                max_seq_len=int(seq_lens.max()),
-            ),
+            attn=self._stage_attention(slots, table, seq_lens, self.verify_qsl[: size + 1], q),
             logits_indices=stage("logits_indices", logits_rows(ends, spec)),
             num_reqs=n,
             graph_batch_size=size,
@@ -119,36 +111,6 @@ class VerifyInputs:
         self._fill_pending(inputs.input_ids, fill_args)
         inputs.attn.block_tables = staging.scatter_block_table(inputs.attn.block_tables)
         return inputs
-
-    def static_verify_inputs(self, size: int) -> ModelInputs:
-        """The static views a verify graph of ``size`` rows x (1 + K) tokens is captured on,
-        filled with padding (no KV writes)."""
-        from kiln.runtime.input_batch import ModelInputs
-
-        q = 1 + self.spec_k
-        staging = self.staging
-        num = size * q
-        staging.dev["input_ids"][:num].zero_()
-        staging.dev["positions"][:num].copy_(torch.arange(q, device=self.device).repeat(size))
-        staging.dev["slot_mapping"][:num].fill_(-1)
-        staging.dev["seq_lens"][:size].fill_(q)
-        staging.block_tables[:size].zero_()
-        return ModelInputs(
-            input_ids=staging.dev["input_ids"][:num],
-            positions=staging.dev["positions"][:num],
-            attn=AttentionMetadata(
-                slot_mapping=staging.dev["slot_mapping"][:num],
-                block_tables=staging.block_tables[:size],
-                seq_lens=staging.dev["seq_lens"][:size],
-                query_start_loc=self.verify_qsl[: size + 1],
-                max_query_len=q,
-                max_seq_len=self.max_model_len,  # the kernels' grids: any length fits
-            ),
-            logits_indices=None,
-            num_reqs=size,
-            graph_batch_size=size,
-            graph_query_len=q,
-        )
 
     def _stage_verify(self, rows: np.ndarray, spec: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
         """The sampled rows' drafts ([S, K], K = the most any carries) and their packed device

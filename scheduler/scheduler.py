@@ -29,7 +29,7 @@ from kiln.scheduler.interface import CachedRequestData, NewRequestData, RunnerOu
 from kiln.scheduler.request import Request, RequestStatus
 from kiln.scheduler.request_queue import WaitingQueue
 from kiln.scheduler.speculation import SpecDecodeStats, SpeculationPolicy
-from kiln.scheduler.stopping import check_stop
+from kiln.scheduler.stopping import check_stop, reaches_length_limit
 
 logger = logging.getLogger(__name__)
 
@@ -323,7 +323,7 @@ class Scheduler:
                 if request.num_drafts_in_flight:
                     continue  # its verify step is in flight: where its next step starts is unknown
                 num_outputs = request.num_output_tokens + pending
-                if num_outputs >= request.max_tokens or request.num_prompt_tokens + num_outputs >= max_model_len:
+                if reaches_length_limit(request, num_outputs, max_model_len):
                     continue  # its pending token ends it: update() will finish it
             num_computed = request.num_computed_tokens
             remaining = request.num_tokens + pending - num_computed

@@ -26,8 +26,12 @@ def check_stop(request: Request, token: int, max_model_len: int) -> tuple[Reques
             return STOPPED, token
         if not params.ignore_eos and token in request.eos_token_ids:
             return STOPPED, None
-    if num_outputs >= params.max_tokens:  # type: ignore[operator]  # resolved at add_request
-        return LENGTH, None
-    if request.num_prompt_tokens + num_outputs >= max_model_len:
+    if reaches_length_limit(request, num_outputs, max_model_len):
         return LENGTH, None
     return None
+
+
+def reaches_length_limit(request: Request, num_outputs: int, max_model_len: int) -> bool:
+    """Whether ``num_outputs`` output tokens end the request by length: its max_tokens, or
+    prompt + outputs filling max_model_len."""
+    return num_outputs >= request.max_tokens or request.num_prompt_tokens + num_outputs >= max_model_len

@@ -28,13 +28,9 @@ E4M3_MAX = 448.0
 def prompt_kv_absmax(model: LlamaFamilyModel, mc, prompt: list[int]) -> torch.Tensor:
     """[layers] max |K|, |V| the model writes for one prompt (one sequence, contiguous blocks)."""
     n, block = len(prompt), 16
-    blocks = -(-n // block)
+    attn = AttentionMetadata.prompts([n], block)
+    blocks = attn.block_tables.shape[1]
     kv = [torch.zeros(2, blocks, block, mc.num_kv_heads_per_rank, mc.head_size) for _ in range(mc.num_hidden_layers)]
-    attn = AttentionMetadata(
-        slot_mapping=torch.arange(n), block_tables=torch.arange(blocks, dtype=torch.int32)[None],
-        seq_lens=torch.tensor([n], dtype=torch.int32), query_start_loc=torch.tensor([0, n], dtype=torch.int32),
-        max_query_len=n, max_seq_len=n,
-    )
     model(torch.tensor(prompt), torch.arange(n), kv, attn, None)
     return torch.stack([layer.abs().max() for layer in kv])
 

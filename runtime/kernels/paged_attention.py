@@ -12,10 +12,10 @@ passes the two maxima it already knows from its CPU plan. The cache is in q's dt
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
+import triton
 
 from ._common import (FP8_KV_DTYPE, SUPPORTED_DTYPES, KernelInputError, check, check_dtype, check_last_dim_contiguous,
                       device_sms, dot_precision, next_pow2, upcast_dots)
@@ -54,7 +54,7 @@ def choose_num_splits(batch: int, kv_heads: int, max_seq_len: int, cfg: Attentio
     """How many programs share one sequence's context in decode: enough for about two waves of
     programs on the GPU, never splits shorter than cfg.min_tokens_per_split; a power of two."""
     programs = max(batch * kv_heads, 1)
-    want = -(-2 * sms // programs)
+    want = triton.cdiv(2 * sms, programs)
     by_length = max(max_seq_len // cfg.min_tokens_per_split, 1)
     splits = max(min(want, by_length, cfg.max_splits), 1)
     return 1 << (splits.bit_length() - 1)
@@ -133,7 +133,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                k_cache.stride(2), block_tables.stride(0))
     scales = (float(scale) * k_scale * LOG2E, float(v_scale))  # (scale_log2, v_scale) of the kernels
     if max_query_len > 1:
-        m_blocks = math.ceil(max_query_len / cfg.prefill_block_m)
+        m_blocks = triton.cdiv(max_query_len, cfg.prefill_block_m)
         prefill_kernel[(batch * m_blocks, num_heads)](
             q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, *scales, m_blocks, *strides,
             GQA=num_heads // kv_heads, BLOCK_M=cfg.prefill_block_m, BLOCK_N=cfg.prefill_block_n, MIN_Q_LEN=2,

@@ -121,3 +121,34 @@ def test_paged_attention_bf16_close_to_fp32() -> None:
     out = paged_attention(q.bfloat16(), k_cache.bfloat16(), v_cache.bfloat16(), scale=0.35, **meta)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+
+
+def test_prompts_metadata_by_hand() -> None:
+    """Two prompts of 5 and 3 tokens in blocks of 4: both start at position 0 in blocks 0, 1."""
+    attn = attention.AttentionMetadata.prompts([5, 3], block_size=4)
+    assert attn.slot_mapping.tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
+    assert attn.block_tables.tolist() == [[0, 1], [0, 1]] and attn.block_tables.dtype == torch.int32
+    assert attn.seq_lens.tolist() == [5, 3] and attn.query_start_loc.tolist() == [0, 5, 8]
+    assert (attn.max_query_len, attn.max_seq_len) == (5, 5)
+
+
+def test_prompts_metadata_runs_one_prompt_like_dense_attention() -> None:
+    n, block_size = 11, 4
+    attn = attention.AttentionMetadata.prompts([n], block_size)
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(n, h, HEAD_SIZE, generator=gen) for h in (2 * NUM_KV_HEADS, NUM_KV_HEADS, NUM_KV_HEADS))
+    cache = [torch.zeros(attn.block_tables.shape[1], block_size, NUM_KV_HEADS, HEAD_SIZE) for _ in range(2)]
+    write_kv_cache(k, v, *cache, attn.slot_mapping)
+    out = paged_attention(q, *cache, block_tables=attn.block_tables, query_start_loc=attn.query_start_loc,
+                          seq_lens=attn.seq_lens, max_query_len=attn.max_query_len, max_seq_len=attn.max_seq_len,
+                          scale=HEAD_SIZE**-0.5)
+    torch.testing.assert_close(out, naive_attention(q, k, v, HEAD_SIZE**-0.5), rtol=1e-5, atol=1e-5)
+
+
+def test_padding_metadata_fills_the_given_buffers() -> None:
+    slots, table, lens = torch.arange(6), torch.ones((2, 5), dtype=torch.int32), torch.full((2,), 9, dtype=torch.int32)
+    qsl = torch.arange(3, dtype=torch.int32) * 3
+    attn = attention.AttentionMetadata.padding(slots, table, lens, qsl, query_len=3, max_seq_len=64)
+    assert attn.slot_mapping is slots and attn.block_tables is table and attn.seq_lens is lens
+    assert slots.tolist() == [-1] * 6 and not table.any() and lens.tolist() == [3, 3]
+    assert (attn.max_query_len, attn.max_seq_len) == (3, 64)

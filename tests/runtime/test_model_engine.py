@@ -17,14 +17,10 @@ BLOCK_SIZE = 16
 def prompt_logits(model: LlamaFamilyModel, mc, prompt: list[int]) -> torch.Tensor:
     """Logits of every prompt position, one sequence in contiguous blocks."""
     n = len(prompt)
-    num_blocks = -(-n // BLOCK_SIZE)
+    attn = AttentionMetadata.prompts([n], BLOCK_SIZE)
+    num_blocks = attn.block_tables.shape[1]
     kv = [torch.zeros(2, num_blocks, BLOCK_SIZE, mc.num_kv_heads_per_rank, mc.head_size, dtype=model.dtype)
           for _ in range(mc.num_hidden_layers)]
-    attn = AttentionMetadata(
-        slot_mapping=torch.arange(n), block_tables=torch.arange(num_blocks, dtype=torch.int32)[None],
-        seq_lens=torch.tensor([n], dtype=torch.int32), query_start_loc=torch.tensor([0, n], dtype=torch.int32),
-        max_query_len=n, max_seq_len=n,
-    )
     return model(torch.tensor(prompt), torch.arange(n), kv, attn, torch.arange(n))
 
 
