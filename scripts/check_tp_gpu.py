@@ -12,6 +12,14 @@ prefixes, the largest difference of the chosen token's logprob, and at each dive
 tp 1 engine's logprob gap between its token and the tp N engine's: a real error shows as
 large differences, a near-tie flip as a gap of rounding size. It fails when a gap or a
 difference exceeds ``--tolerance`` nats.
+
+``--reference DIR`` settles whether tp N is further from the exact answer than tp 1: DIR is an
+fp32 engine of the same (bf16-representable) weights, e.g. all three built from one bf16
+checkpoint of scripts/make_random_hf_checkpoint.py with `build-llm CKPT --dtype float32` /
+`--dtype bfloat16 --tp 1` / `--tp N`. The reference's greedy sequences are then scored
+teacher-forced by every engine (prompt logprobs); the table gives each engine's mean and max
+|logprob difference| from the reference over those tokens. tp N passes when its mean is within
+``--ratio`` of tp 1's (same data, only the sums' order and partial-sum rounding differ).
 """
 
 from __future__ import annotations
@@ -40,6 +48,37 @@ def run(engine_dir: str, prompts: list[list[int]], osl: int) -> list:
     return [outputs[str(i)] for i in range(len(prompts))]
 
 
+def score(engine_dir: str, sequences: list[list[int]], skip: int) -> list[list[float]]:
+    """Teacher-forced logprobs of each sequence's tokens after its first ``skip`` (the prompt)."""
+    with LLMEngine.from_engine_dir(engine_dir) as engine:
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+        for i, seq in enumerate(sequences):
+            engine.add_request(str(i), seq, params)
+        outputs = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    outputs[out.request_id] = out
+    return [[lp.logprob for lp in outputs[str(i)].prompt_logprobs[skip:]] for i in range(len(sequences))]
+
+
+def against_reference(args: argparse.Namespace, prompts: list[list[int]]) -> bool:
+    """Each engine's distance from the fp32 reference on the reference's own greedy tokens."""
+    ref = run(args.reference, prompts, args.osl)
+    sequences = [p + list(o.token_ids) for p, o in zip(prompts, ref)]
+    want = [[lp.logprob for lp in o.logprobs] for o in ref]
+    means = {}
+    print("| engine | mean |dlogprob| vs fp32 | max |")
+    print("|---|---|---|")
+    for name, path in (("tp 1", args.tp1), (f"tp N ({args.tpn})", args.tpn)):
+        got = score(path, sequences, args.isl)
+        diffs = [abs(a - b) for g, w in zip(got, want) for a, b in zip(g, w)]
+        means[name] = sum(diffs) / len(diffs)
+        print(f"| {name} | {means[name]:.4f} | {max(diffs):.4f} |", flush=True)
+    tp1, tpn = means.values()
+    return tpn <= args.ratio * tp1
+
+
 def compare(ref, got) -> tuple[int, float, float | None]:
     """(common-prefix length, max |chosen logprob difference| over it, gap at the divergence:
     the reference's logprob of its token minus that of the candidate's token, None if the
@@ -64,9 +103,14 @@ def main() -> int:
     p.add_argument("--osl", type=int, default=64)
     p.add_argument("--max-token-id", type=int, default=100000, help="prompt ids are drawn from [1000, this)")
     p.add_argument("--tolerance", type=float, default=0.1, help="nats; bf16 rounding is ~0.01-0.05")
+    p.add_argument("--reference", help="an fp32 engine of the same weights: score both engines against it")
+    p.add_argument("--ratio", type=float, default=1.5,
+                   help="with --reference: tp N's mean distance may be at most this times tp 1's (default 1.5)")
     args = p.parse_args()
     rng = random.Random(0)
     prompts = [[rng.randrange(min(1000, args.max_token_id // 2), args.max_token_id) for _ in range(args.isl)] for _ in range(args.prompts)]
+    if args.reference:
+        return 0 if against_reference(args, prompts) else 1
     rows = [compare(ref, got) for ref, got in zip(run(args.tp1, prompts, args.osl), run(args.tpn, prompts, args.osl))]
     prefixes = [n for n, _, _ in rows]
     diff = max(d for _, d, _ in rows)

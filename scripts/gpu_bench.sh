@@ -22,6 +22,8 @@
 #   tp1000mu  tp1000 with --capacity-policy max_utilization (admit while blocks last, preempt)
 #   eager     adds --enforce-eager to every bench-llm run (comparison)
 #   tpcheck   greedy tokens of the tp $TP engine vs a tp 1 engine of the same weights (scripts/check_tp_gpu.py)
+#   tpref     tp $TP and tp 1 scored against an fp32 engine of the same bf16 weights (check_tp_gpu.py
+#             --reference; one random HF checkpoint, three builds into /dev/shm)
 #   allreduce NCCL all-reduce cost per decode step on $TP GPUs (scripts/bench_allreduce_gpu.py)
 # TP=2 builds $ENGINE with --tp 2 (every run then uses two GPUs); tpcheck also builds $ENGINE_TP1.
 # Multi-GPU machines: keep NVLink multicast off (NCCL_NVLS_ENABLE=0 is exported here).
@@ -105,6 +107,18 @@ for run in $RUNS; do
             build "$ENGINE_TP1" 1
             timeout 600 python3 scripts/check_tp_gpu.py "$ENGINE_TP1" "$ENGINE" > "$OUT/tpcheck.log" 2>&1
             echo "tpcheck rc=$?"; grep -v Warning "$OUT/tpcheck.log" | tail -5 ;;
+        tpref)  # tp $TP and tp 1 against an fp32 engine of the same bf16 weights (one random checkpoint)
+            CK=/dev/shm/kiln-hf-$PRESET
+            [ -f "$CK/config.json" ] || python3 scripts/make_random_hf_checkpoint.py --preset "$PRESET" --output "$CK" \
+                > "$OUT/tpref.log" 2>&1
+            for spec in "float32 1 fp32" "bfloat16 1 bf16-tp1" "bfloat16 $TP bf16-tp$TP"; do
+                set -- $spec
+                [ -f "/dev/shm/kiln-ref-$3/kiln.json" ] || python3 -m kiln.engine_builder.cli "$CK" --dtype "$1" --tp "$2" \
+                    --output "/dev/shm/kiln-ref-$3" --force -q >> "$OUT/tpref.log" 2>&1
+            done
+            timeout 900 python3 scripts/check_tp_gpu.py /dev/shm/kiln-ref-bf16-tp1 "/dev/shm/kiln-ref-bf16-tp$TP" \
+                --reference /dev/shm/kiln-ref-fp32 >> "$OUT/tpref.log" 2>&1
+            echo "tpref rc=$?"; grep "^|" "$OUT/tpref.log" ;;
         allreduce)
             timeout 300 python3 scripts/bench_allreduce_gpu.py --world "$TP" > "$OUT/allreduce.log" 2>&1
             echo "allreduce rc=$?"; grep "^|" "$OUT/allreduce.log" ;;
