@@ -37,29 +37,27 @@ def run(engine_dir: str, prompts: list[list[int]], osl: int) -> list:
     start = time.perf_counter()
     with LLMEngine.from_engine_dir(engine_dir) as engine:
         print(f"{engine_dir}: loaded in {time.perf_counter() - start:.1f} s", flush=True)
-        params = SamplingParams(temperature=0.0, max_tokens=osl, ignore_eos=True, logprobs=5)
-        for i, prompt in enumerate(prompts):
-            engine.add_request(str(i), prompt, params)
-        outputs = {}
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
-                    outputs[out.request_id] = out.outputs[0]
+        outputs = generate(engine, prompts, SamplingParams(temperature=0.0, max_tokens=osl, ignore_eos=True, logprobs=5))
+    return [out.outputs[0] for out in outputs]
+
+
+def generate(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> list:
+    """Each prompt's final RequestOutput, in order."""
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    outputs = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = out
     return [outputs[str(i)] for i in range(len(prompts))]
 
 
 def score(engine_dir: str, sequences: list[list[int]], skip: int) -> list[list[float]]:
     """Teacher-forced logprobs of each sequence's tokens after its first ``skip`` (the prompt)."""
     with LLMEngine.from_engine_dir(engine_dir) as engine:
-        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
-        for i, seq in enumerate(sequences):
-            engine.add_request(str(i), seq, params)
-        outputs = {}
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
-                    outputs[out.request_id] = out
-    return [[lp.logprob for lp in outputs[str(i)].prompt_logprobs[skip:]] for i in range(len(sequences))]
+        outputs = generate(engine, sequences, SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0))
+    return [[lp.logprob for lp in out.prompt_logprobs[skip:]] for out in outputs]
 
 
 def against_reference(args: argparse.Namespace, prompts: list[list[int]]) -> bool:
