@@ -12,7 +12,7 @@ kernel set) the reference dequantizes W in fp32 and multiplies: exact up to summ
 
 tinygemm (quant/tinygemm.py): with bf16 activations on sm >= 80, a linear whose shape tinygemm
 takes runs every product of fewer than ``Int4Ops.tinygemm_below_rows`` rows on it instead of
-the Triton kernels (it is 1.5-10x faster at 1-32 rows on an H200); the fused small-batch path
+the Triton kernels (1.6-11x faster than the GEMV at 1-8 rows on an H200); the fused small-batch path
 then runs Kiln's norm / SiLU kernels, tinygemm and the residual add one after another, rounding
 where the fused kernel does. Prefill-sized batches still dequantize from Kiln's layout, so such
 a linear keeps both layouts on the GPU: 1 byte per weight instead of 0.5 (still half of bf16).

@@ -1,5 +1,5 @@
 """PyTorch's built-in W4A16 kernel, tinygemm (``torch._weight_int4pack_mm``, the one gpt-fast and
-torchao use), as ``Int4Linear``'s product below ``DEQUANTIZE_FROM_ROWS`` rows on CUDA with bf16.
+torchao use), as ``Int4Linear``'s product below ``TINYGEMM_BELOW_ROWS`` rows on CUDA with bf16.
 
 tinygemm computes y = x @ W^T, W = (u - 8) * s + z per group of g inputs, u an unsigned nibble:
 with u = q + 8 that is exactly Kiln's W = q * s + z (engine_builder/int4.py), accumulated in fp32
