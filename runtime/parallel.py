@@ -4,11 +4,29 @@ One object, swappable: ``SINGLE_RANK`` (tp 1: every collective is the identity) 
 ``DistributedCollectives`` over torch.distributed (NCCL on CUDA, gloo on CPU), created by the
 executor once the process group exists. The model and the runner call only these methods,
 never torch.distributed directly, so the same code runs on one rank and on many.
+
+Small all-reduces on CUDA (a decode step's [batch, hidden] activations, 2 per layer) go through
+PyTorch's symmetric memory instead of NCCL: each rank copies its tensor into a buffer every
+rank has mapped (CUDA IPC over NVLink), and one kernel reads all the peers' copies and sums
+them (``torch.ops.symm_mem.one_shot_all_reduce_copy``, the idea of vLLM's and TensorRT-LLM's
+custom all-reduce). It is captured in CUDA graphs like the NCCL call. Larger tensors, other
+dtypes and machines where the buffer cannot be mapped keep NCCL. ``KILN_ALL_REDUCE=nccl``
+turns the peer path off (for comparisons).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
+
+logger = logging.getLogger(__name__)
+
+# Messages up to this size take the one-shot peer all-reduce (the rest NCCL). One-shot reads
+# every peer's whole tensor, so its cost grows with size x (ranks - 1); NCCL's ring wins above
+# a few hundred KB to a few MB (scripts/bench_allreduce_gpu.py measures the crossover).
+PEER_ALL_REDUCE_MAX_BYTES = 1 << 20
 
 
 class Collectives:
@@ -53,15 +71,58 @@ SINGLE_RANK = Collectives()
 class DistributedCollectives(Collectives):
     """The collectives of one rank in the default torch.distributed process group."""
 
-    def __init__(self, rank: int, world_size: int, device: torch.device) -> None:
+    def __init__(self, rank: int, world_size: int, device: torch.device,
+                 peer_max_bytes: int = PEER_ALL_REDUCE_MAX_BYTES) -> None:
         import torch.distributed as dist
 
         self._dist = dist
         self.rank, self.world_size, self.device = rank, world_size, device
         # torch 2.13 renamed the gather into one tensor; older releases only have the old name.
         self._gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        self._peer_buffer: torch.Tensor | None = None  # bf16, mapped by every rank
+        self._group_name = ""
+        if device.type == "cuda" and peer_max_bytes > 0 and os.environ.get("KILN_ALL_REDUCE", "auto") != "nccl":
+            self._peer_buffer = self._map_peer_buffer(peer_max_bytes)
+
+    def _map_peer_buffer(self, nbytes: int) -> torch.Tensor | None:
+        """The symmetric buffer of the one-shot all-reduce, or None (NCCL only) on every rank.
+
+        A collective: every rank calls it at the same point (the constructor). The ranks agree
+        on the outcome, so no rank waits in a peer all-reduce the others do not run.
+        """
+        buffer = None
+        try:
+            import torch.distributed._symmetric_memory as symm_mem
+
+            group_name = self._dist.group.WORLD.group_name
+            if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed before torch 2.9, a no-op after
+                import warnings
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    symm_mem.enable_symm_mem_for_group(group_name)
+            buffer = symm_mem.empty(nbytes // 2, dtype=torch.bfloat16, device=self.device)
+            symm_mem.rendezvous(buffer, group_name)
+            self._group_name = group_name
+        except Exception as exc:  # noqa: BLE001 - any failure means: NCCL only
+            logger.warning("peer all-reduce unavailable (%s: %s); all-reduces use NCCL", type(exc).__name__, exc)
+            buffer = None
+        if self.min_int(1 if buffer is not None else 0) == 0:
+            return None
+        if self.rank == 0:
+            logger.info("all-reduces up to %d KiB: one-shot over peer memory; larger: NCCL", nbytes >> 10)
+        return buffer
+
+    def _takes_peer_path(self, x: torch.Tensor) -> bool:
+        buffer = self._peer_buffer
+        return (buffer is not None and x.dtype in (torch.bfloat16, torch.float16) and x.is_cuda
+                and x.numel() <= buffer.numel() and (x.numel() * 2) % 16 == 0 and x.is_contiguous())
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self._takes_peer_path(x):
+            assert self._peer_buffer is not None
+            symm = self._peer_buffer.view(x.dtype)[: x.numel()].view(x.shape)
+            return torch.ops.symm_mem.one_shot_all_reduce_copy(symm, x, "sum", self._group_name)
         self._dist.all_reduce(x)
         return x
 
