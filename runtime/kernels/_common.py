@@ -54,6 +54,20 @@ def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=8)
+def _shared_memory_per_block(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024)
+
+
+def device_shared_memory(t: torch.Tensor) -> int:
+    """Shared memory bytes one block may use on t's CUDA device (Hopper 227 KB, Ampere 163 KB,
+    Ada 99 KB); Hopper's figure elsewhere (the CPU interpreter has no limit; tests see GPU tiles)."""
+    if t.is_cuda:
+        return _shared_memory_per_block(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return 232448
+
+
 def device_sms(t: torch.Tensor) -> int:
     """SM count for tensors on CUDA; a small fixed number elsewhere so CPU tests still split work."""
     if t.is_cuda:

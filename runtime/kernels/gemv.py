@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (SUPPORTED_DTYPES, KernelInputError, check, check_dtype, check_scale, dot_precision,
-                      next_pow2, to_fp8, upcast_dots)
+from ._common import (SUPPORTED_DTYPES, KernelInputError, check, check_dtype, check_scale, device_shared_memory,
+                      dot_precision, next_pow2, to_fp8, upcast_dots)
 
 MAX_ROWS = 8
 """Largest M the kernel takes; larger batches belong to a tiled GEMM (cuBLAS)."""
@@ -118,11 +118,45 @@ def _heuristic(n: int, k: int, m: int, fp8: bool = False) -> GemvConfig:
     return GemvConfig(64, max(16, min(256, next_pow2(k))), 4, 4, True)
 
 
-def pick_config(n: int, k: int, m: int, fp8: bool = False) -> GemvConfig:
-    """The tuned launch shape for this problem, or the heuristic one."""
+SMEM_SLACK = 24 * 1024
+"""Shared memory left to the compiler's own scratch (reductions, layout conversions, the norm
+prologue): an fp32 launch that failed on an H200 asked for 19 KB beyond its staged tiles."""
+
+
+def pick_config(n: int, k: int, m: int, fp8: bool = False, weight_bytes: int = 2, x_bytes: int = 2,
+                shared_memory: int = 232448) -> GemvConfig:
+    """The tuned launch shape for this problem, or the heuristic one, fitted to shared memory.
+
+    The tables are tuned on Hopper for bf16 (2-byte) and FP8 (1-byte) weights with bf16
+    activations; fp32 (4-byte) operands, or a GPU with less shared memory per block, take the
+    same tiles with fewer pipeline stages (or shorter K steps) so the staged tiles fit.
+    """
     mc = m_class(m)
     table = TUNED_FP8 if fp8 else TUNED
-    return table.get((n, k, mc)) or (mc == "m2" and table.get((n, k, "m8"))) or _heuristic(n, k, m, fp8)
+    cfg = table.get((n, k, mc)) or (mc == "m2" and table.get((n, k, "m8"))) or _heuristic(n, k, m, fp8)
+    return fit_shared_memory(cfg, 1 if fp8 else weight_bytes, x_bytes, m, shared_memory)
+
+
+def fit_shared_memory(cfg: GemvConfig, weight_bytes: int, x_bytes: int, m: int, shared_memory: int) -> GemvConfig:
+    """``cfg`` with its stages, then its K step, cut until the pipelined tiles fit.
+
+    Triton keeps num_stages - 1 buffers in flight, each a [BLOCK_N, BLOCK_K] weight tile and a
+    [rows, BLOCK_K] x tile (rows = 16 for the tensor-core dot, the real row count on the CUDA cores).
+    """
+    stages, block_k = cfg.num_stages, cfg.block_k
+    rows = 16 if cfg.use_dot else next_pow2(m)
+    budget = shared_memory - SMEM_SLACK
+
+    def staged() -> int:
+        return (stages - 1) * block_k * (cfg.block_n * weight_bytes + rows * x_bytes)
+
+    while staged() > budget and stages > 2:
+        stages -= 1
+    while staged() > budget and block_k > K_MULTIPLE:
+        block_k //= 2
+    if (stages, block_k) == (cfg.num_stages, cfg.block_k):
+        return cfg
+    return GemvConfig(cfg.block_n, block_k, cfg.num_warps, stages, cfg.use_dot)
 
 
 @triton.jit
@@ -178,7 +212,7 @@ def _x_step(x_ptr, norm_ptr, rstd, stride_xm, M, K, offs_k, k_ok, BLOCK_M: tl.co
     return x
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # the row count only masks; one compile for every M of a tile
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, res_ptr, inv_ptr, scale_ptr, M, N, K, stride_xm, stride_wn,
                  stride_om, stride_rm, eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  EVEN_K: tl.constexpr, NORM: tl.constexpr, SILU_MUL: tl.constexpr, RESIDUAL: tl.constexpr,
@@ -280,7 +314,7 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor, inv_scale: torch.Tensor | None,
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
-    cfg = config or pick_config(n, k, m, fp8)
+    cfg = config or pick_config(n, k, m, fp8, weight.element_size(), x.element_size(), device_shared_memory(x))
     res = residual if residual is not None else out
     rows = next_pow2(m)
     block_m = 16 if cfg.use_dot else rows  # the tensor-core dot wants 16 rows

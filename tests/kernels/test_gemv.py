@@ -133,3 +133,32 @@ def test_pick_config_covers_every_shape():
             cfg = gemv_mod.pick_config(n, k, m)
             assert cfg.block_n & (cfg.block_n - 1) == 0 and cfg.block_k & (cfg.block_k - 1) == 0
             assert 16 <= cfg.block_k and (cfg.use_dot is False or cfg.block_n >= 16)
+
+
+def test_tuned_tiles_fit_shared_memory_for_every_operand_size():
+    """The tables hold bf16 / FP8 tiles tuned on Hopper; fp32 operands (an fp32 engine's decode)
+    and GPUs with less shared memory take fewer stages or shorter K steps, never a launch that
+    exceeds the limit (an fp32 8B engine failed on an H200 with 265 KB asked of 227 KB)."""
+    fit = gemv_mod.fit_shared_memory
+    rows_of = {"m1": 1, "m2": 2, "m8": 8}
+    for table, fp8 in ((gemv_mod.TUNED, False), (gemv_mod.TUNED_FP8, True)):
+        for (n, k, mc), tuned in table.items():
+            m = rows_of[mc]
+            assert gemv_mod.pick_config(n, k, m, fp8) == tuned  # Hopper at the tuned dtypes: as tuned
+            for elsize, limit in ((4, 232448), (2, 166912), (2, 101376)):  # fp32 on H200; A100; L40S
+                cfg = gemv_mod.pick_config(n, k, m, fp8, weight_bytes=elsize, x_bytes=elsize, shared_memory=limit)
+                rows = 16 if cfg.use_dot else m
+                staged = (cfg.num_stages - 1) * cfg.block_k * (cfg.block_n * (1 if fp8 else elsize) + rows * elsize)
+                assert staged <= limit - gemv_mod.SMEM_SLACK, (n, k, mc, elsize, limit, cfg)
+                assert (cfg.block_n, cfg.use_dot, cfg.num_warps) == (tuned.block_n, tuned.use_dot, tuned.num_warps)
+    # The launch that failed: qkv of Llama-3.1-8B, 8 rows, fp32 -> one stage fewer, same tile.
+    assert fit(gemv_mod.GemvConfig(64, 256, 4, 4, True), 4, 4, 8, 232448) == gemv_mod.GemvConfig(64, 256, 4, 3, True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU (the shared-memory limit is the GPU's)")
+@pytest.mark.parametrize("m", [1, 2, 8])
+def test_gemv_fp32_at_a_tuned_llama_shape(m, gen):
+    """fp32 at a shape the bf16 table tunes (Llama-3.1-8B qkv, norm prologue): launches and is right."""
+    x, weight, nw, _ = _inputs(m, 6144, 4096, torch.float32, "cuda", gen)
+    out = gemv(x, weight, norm_weight=nw, eps=EPS)
+    assert rel_err(out, _reference(x, weight, norm_weight=nw)) < TOL[torch.float32]
