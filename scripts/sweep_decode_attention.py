@@ -43,7 +43,7 @@ def main() -> None:
     if fp8:
         sets = [dict(b, k_cache=fp8_kv.quantize(b["k_cache"], 0.01), v_cache=fp8_kv.quantize(b["v_cache"], 0.01))
                 for b in sets]
-    base = default_config(128, torch.bfloat16)
+    base = default_config(128, torch.bfloat16, torch.float8_e4m3fn if fp8 else None)
 
     def fns(cfg: AttentionConfig, splits: int | None) -> list:
         return [lambda b=b: paged_attention(**b, scale=0.088, max_query_len=1, max_seq_len=131072,
@@ -51,7 +51,7 @@ def main() -> None:
 
     reference = fns(base, None)[0]()
     results = []
-    for bn in (32, 64, 128):
+    for bn in (16, 32, 64, 128):
         for warps, stages in ((2, 2), (2, 3), (4, 2), (4, 3), (4, 4), (8, 3), (8, 4)):
             for splits in (None, 2):
                 cfg = AttentionConfig(**{**base.__dict__, "decode_block_n": bn, "decode_warps": warps,

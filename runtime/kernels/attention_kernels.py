@@ -17,6 +17,12 @@ fp32 for fp32 queries. Its K scale is folded into the softmax scale by the calle
 multiplies the output (SCALE_V), so no element is scaled one by one.
 Cache tensors are [num_blocks, block_size, num_kv_heads, head_dim] with a unit last stride;
 token n of a sequence lives in block block_tables[seq, n // BLOCK_SIZE], row n % BLOCK_SIZE.
+
+Integer arguments that change from step to step (the block table's row stride: a step's
+widest context in blocks; the prefill grid's query blocks; the decode split count) are not
+specialized (``do_not_specialize``): Triton would otherwise compile a variant for each of 1,
+multiples of 16 and the rest, i.e. compile mid-serving (a served H200 run spent 0.66 s of 8 s
+compiling prefill variants, stalling every stream).
 """
 
 from __future__ import annotations
@@ -89,7 +95,7 @@ def _prefill_tile(q, k_ptr, v_ptr, bt_row, n_start, kv_end, q_pos, head_off, off
     return m_i, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_m_blocks", "stride_bt"])
 def prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, scale_log2, v_scale, num_m_blocks,
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
                    GQA: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
@@ -137,7 +143,7 @@ def prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, 
              out.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, bt_ptr, qsl_ptr, seq_lens_ptr,
                   scale_log2, v_scale, num_splits,
                   stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
@@ -196,7 +202,7 @@ def decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, bt_p
         tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None], mask=gd_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def reduce_kernel(out_ptr, part_out_ptr, part_lse_ptr, qsl_ptr, num_splits, stride_ot, stride_oh,
                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr):
     seq = tl.program_id(0)

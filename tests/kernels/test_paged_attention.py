@@ -98,3 +98,25 @@ def test_bad_inputs_raise(device, gen):
         paged_attention(batch.q[:, :3], *args[1:], 0.1, 1, 4)
     with pytest.raises(KernelInputError, match="dtypes differ"):
         paged_attention(batch.q.half(), *args[1:], 0.1, 1, 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU (counts compiled kernels)")
+def test_step_to_step_integers_compile_once(gen):
+    """A served step's block-table width, prefill query blocks and decode splits change every
+    step; each kernel compiles once for all of them (a mid-serving compile stalls every stream)."""
+    from kiln.runtime.kernels import attention_kernels as ak
+
+    def compiled() -> int:
+        return sum(len(caches[0]) for k in (ak.prefill_kernel, ak.decode_kernel, ak.reduce_kernel)
+                   for caches in k.device_caches.values())
+
+    # (q_lens, ctx_lens): table widths 1 / 3 / 16 / 19 blocks of 16, 1 / 3 / 16 query blocks of 64.
+    shapes = [([5, 1], [5, 9]), ([130, 1], [130, 40]), ([1024, 1], [1024, 256]), ([1, 1, 70], [300, 7, 80])]
+    counts = []
+    for q_lens, ctx_lens in shapes:
+        for splits in (1, 2):  # (more splits change the reduction's S_PAD tile: a constexpr)
+            batch = make_paged_batch(q_lens, ctx_lens, 8, 2, 128, 16, torch.bfloat16, "cuda", gen)
+            out, ref = _run(batch, cfg=None, num_splits=splits)
+            _assert_close(out, ref, torch.bfloat16, gen)
+            counts.append(compiled())
+    assert counts[-1] == counts[1], f"kernels compiled per shape: {counts}"
