@@ -24,7 +24,10 @@
 #   tpcheck   greedy tokens of the tp $TP engine vs a tp 1 engine of the same weights (scripts/check_tp_gpu.py)
 #   tpref     tp $TP and tp 1 scored against an fp32 engine of the same bf16 weights (check_tp_gpu.py
 #             --reference; one random HF checkpoint, three builds into /dev/shm)
-#   allreduce NCCL all-reduce cost per decode step on $TP GPUs (scripts/bench_allreduce_gpu.py)
+#   tpfp32    greedy tokens of fp32 engines at tp $TP and tp 1 built from one random bf16 checkpoint (fp32
+#             rounding is far below the random model's near-ties, so tokens must match)
+#   allreduce all-reduce cost per decode step on $TP GPUs, NCCL vs Kiln's one-shot peer path
+#             (scripts/bench_allreduce_gpu.py)
 # TP=2 builds $ENGINE with --tp 2 (every run then uses two GPUs); tpcheck also builds $ENGINE_TP1.
 # Multi-GPU machines: keep NVLink multicast off (NCCL_NVLS_ENABLE=0 is exported here).
 # RECORD=1 appends each bench-llm result to $OUT/history.md (bench-llm --record; set
@@ -119,6 +122,17 @@ for run in $RUNS; do
             timeout 900 python3 scripts/check_tp_gpu.py /dev/shm/kiln-ref-bf16-tp1 "/dev/shm/kiln-ref-bf16-tp$TP" \
                 --reference /dev/shm/kiln-ref-fp32 >> "$OUT/tpref.log" 2>&1
             echo "tpref rc=$?"; grep "^|" "$OUT/tpref.log" ;;
+        tpfp32)  # fp32 tp $TP vs fp32 tp 1 of one random checkpoint (shares the checkpoint and fp32 tp 1 with tpref)
+            CK=/dev/shm/kiln-hf-$PRESET
+            [ -f "$CK/config.json" ] || python3 scripts/make_random_hf_checkpoint.py --preset "$PRESET" --output "$CK" \
+                > "$OUT/tpfp32.log" 2>&1
+            for spec in "1 /dev/shm/kiln-ref-fp32" "$TP /dev/shm/kiln-ref-fp32-tp$TP"; do
+                set -- $spec
+                [ -f "$2/kiln.json" ] || python3 -m kiln.engine_builder.cli "$CK" --dtype float32 --tp "$1" --output "$2" \
+                    --force -q >> "$OUT/tpfp32.log" 2>&1
+            done
+            timeout 600 python3 scripts/check_tp_gpu.py /dev/shm/kiln-ref-fp32 "/dev/shm/kiln-ref-fp32-tp$TP" >> "$OUT/tpfp32.log" 2>&1
+            echo "tpfp32 rc=$?"; grep -v Warning "$OUT/tpfp32.log" | tail -4 ;;
         allreduce)
             timeout 300 python3 scripts/bench_allreduce_gpu.py --world "$TP" > "$OUT/allreduce.log" 2>&1
             echo "allreduce rc=$?"; grep "^|" "$OUT/allreduce.log" ;;
