@@ -116,7 +116,8 @@ class DistributedCollectives(Collectives):
     def _takes_peer_path(self, x: torch.Tensor) -> bool:
         buffer = self._peer_buffer
         return (buffer is not None and x.dtype in (torch.bfloat16, torch.float16) and x.is_cuda
-                and x.numel() <= buffer.numel() and (x.numel() * 2) % 16 == 0 and x.is_contiguous())
+                and x.numel() <= buffer.numel() and (x.numel() * 2) % 16 == 0 and x.data_ptr() % 16 == 0
+                and x.is_contiguous())  # the kernel moves 16-byte vectors
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self._takes_peer_path(x):
