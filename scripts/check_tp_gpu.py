@@ -13,6 +13,10 @@ tp 1 engine's logprob gap between its token and the tp N engine's: a real error 
 large differences, a near-tie flip as a gap of rounding size. It fails when a gap or a
 difference exceeds ``--tolerance`` nats.
 
+Two fp32 engines of one bf16 checkpoint (`build-llm CKPT --dtype float32 --tp 1` / `--tp N`;
+`TP=N RUNS=tpfp32 scripts/gpu_bench.sh`) round far below the near-ties, so there the tokens
+themselves must match (16 of 16 identical over 64 tokens on an H200 pair).
+
 ``--reference DIR`` settles whether tp N is further from the exact answer than tp 1: DIR is an
 fp32 engine of the same (bf16-representable) weights, e.g. all three built from one bf16
 checkpoint of scripts/make_random_hf_checkpoint.py with `build-llm CKPT --dtype float32` /
