@@ -35,6 +35,16 @@ def wait_healthy(base_url: str, timeout: float, proc: subprocess.Popen | None = 
     raise TimeoutError(f"{base_url} not healthy after {timeout}s")
 
 
+def wait_for(predicate, timeout: float, interval: float = 0.1) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` seconds pass; its last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
 class ThreadServer:
     """uvicorn serving ``app`` in a background thread (no signal handling), on a free port."""
 

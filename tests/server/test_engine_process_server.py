@@ -9,13 +9,12 @@ import asyncio
 import os
 import signal
 import subprocess
-import time
 
 import httpx
 import psutil
 import pytest
 
-from .helpers import metric, start_serve_llm
+from .helpers import metric, start_serve_llm, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -31,15 +30,6 @@ def _engine_process(server: subprocess.Popen) -> psutil.Process:
                 if "spawn_main" in " ".join(c.cmdline()) and "resource_tracker" not in " ".join(c.cmdline())]
     assert len(children) == 1, [c.cmdline() for c in children]
     return children[0]
-
-
-def _wait_for(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return predicate()
 
 
 async def _storm(url: str, streams: int, events_each: int) -> list[int]:
@@ -78,7 +68,7 @@ def test_storm_of_dropped_streams_then_engine_death_then_shutdown(smollm2_engine
             return (metric(text, "kiln:num_requests_running") == 0 and metric(text, "kiln:num_requests_waiting") == 0
                     and metric(text, "kiln:request_success_total", finished_reason="abort") == aborts + 100)
 
-        assert _wait_for(drained, 60), metrics()
+        assert wait_for(drained, 60), metrics()
         assert metric(metrics(), "kiln:kv_cache_usage_perc") == 0.0  # every block back in the pool
         ok = httpx.post(url + "/v1/completions", json={**STREAM, "stream": False, "max_tokens": 4}, timeout=60)
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
@@ -90,14 +80,13 @@ def test_storm_of_dropped_streams_then_engine_death_then_shutdown(smollm2_engine
             engine.kill()
             tail = list(lines)  # returns once the server ends the stream
         assert any("error" in line for line in tail), tail[-3:]
-        assert _wait_for(lambda: httpx.get(url + "/health").status_code == 503, 30)
+        assert wait_for(lambda: httpx.get(url + "/health").status_code == 503, 30)
         after = httpx.post(url + "/v1/completions", json={**STREAM, "stream": False}, timeout=30)
         assert after.status_code >= 500 and after.json()["error"]["message"]
         assert "engine process died" in (tmp_path / "server.log").read_text()
     finally:
         proc.terminate()
         proc.wait(60)
-    assert not engine.is_running() or engine.status() == psutil.STATUS_ZOMBIE
 
 
 def test_the_engine_process_never_outlives_the_server(smollm2_engine_dir, tmp_path):

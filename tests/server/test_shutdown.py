@@ -14,7 +14,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from .helpers import sse_events, start_serve_llm
+from .helpers import sse_events, start_serve_llm, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -47,15 +47,6 @@ class _Stream:
         return sse_events(self.lines)
 
 
-def _wait_for(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def _health(url: str) -> int:
     return httpx.get(url + "/health", timeout=30).status_code
 
@@ -80,7 +71,7 @@ def test_sigterm_lets_the_request_in_flight_finish(smollm2_engine_dir, tmp_path)
     with _streaming_server(smollm2_engine_dir, tmp_path / "server.log", "120", 24) as (proc, url, stream):
         proc.send_signal(signal.SIGTERM)
         # The drain starts within a moment: /health says 503 so load balancers stop routing here.
-        assert _wait_for(lambda: _health(url) == 503, 30)
+        assert wait_for(lambda: _health(url) == 503, 30)
         late = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}, timeout=60)
         assert late.status_code == 503 and "shutting down" in late.json()["error"]["message"]
         stream.thread.join(300)
@@ -107,7 +98,7 @@ def test_a_second_sigterm_exits_at_once_nonzero_and_says_what_it_cut(smollm2_eng
     log = tmp_path / "server.log"
     with _streaming_server(smollm2_engine_dir, log, "300", 200) as (proc, _, _stream):
         proc.send_signal(signal.SIGTERM)
-        assert _wait_for(lambda: "draining" in log.read_text().lower(), 30)
+        assert wait_for(lambda: "draining" in log.read_text().lower(), 30)
         start = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(30)
