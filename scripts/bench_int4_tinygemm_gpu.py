@@ -1,16 +1,16 @@
 #!/usr/bin/env python3
 """Kiln's W4A16 products against PyTorch's built-in INT4 kernel (tinygemm,
 ``torch._weight_int4pack_mm``, the one gpt-fast and torchao use) on Llama-3.1-8B shapes, one GPU,
-from 1 to 1024 rows: the data that sets ``TINYGEMM_BELOW_ROWS`` and ``DEQUANTIZE_FROM_ROWS``
+from 1 to 1024 rows: the data that sets ``GEMV_UP_TO_ROWS`` and ``TINYGEMM_BELOW_ROWS``
 (runtime/kernels/int4.py).
 
 Both compute y = x @ (q * s + z)^T with q in [-8, 7] and per-group scales and zero points
 (tinygemm's (u - 8) * s + z with u = q + 8 is the same number). tinygemm's operands come from
 Kiln's own conversion (runtime/quant/tinygemm.py ``TinygemmWeight.from_engine``), so the error
-column checks it too. Per shape and row count: Kiln's Triton kernel (``gemv_int4`` up to 8 rows,
-``gemm_int4`` above), tinygemm, and dequantize + cuBLAS (``dequantize_int4`` then ``F.linear``,
-what ``Int4Linear`` runs from ``DEQUANTIZE_FROM_ROWS``), each checked against float64 and timed
-(CUDA-graph timing, L2 flushed). Prints a table last (us per call; GB/s of INT4 weight bytes up
+column checks it too. Per shape and row count: Kiln's GEMV (``gemv_int4``, up to 8 rows),
+tinygemm, and dequantize + cuBLAS (``dequantize_int4`` then ``F.linear``, what ``Int4Linear``
+runs above ``GEMV_UP_TO_ROWS`` where tinygemm does not), each checked against float64 and timed
+with ``triton.testing.do_bench_cudagraph`` (one weight: shapes under the 50 MB L2 read it from L2). Prints a table last (us per call; GB/s of INT4 weight bytes up
 to 32 rows; 36 lines for the default shapes), and writes it to $OUT/bench_int4_tinygemm.md when
 OUT is set. About a minute.
 
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import triton
 
 from kiln.engine_builder.int4 import pack_int4
-from kiln.runtime.kernels.int4 import dequantize_int4, gemm_int4, gemv_int4, repack
+from kiln.runtime.kernels.int4 import dequantize_int4, gemv_int4, repack
 from kiln.runtime.quant.tinygemm import TinygemmWeight, tinygemm_accepts
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
@@ -63,10 +63,9 @@ def bench_shape(name: str, n: int, k: int, g: int) -> list[tuple]:
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
         ref = x.double() @ w64.T
         rep = 50 if m <= 32 else 25
-        kiln = (lambda: gemv_int4(x, w_kiln, s, z, g)) if m <= 8 else (lambda: gemm_int4(x, w_kiln, s, z, g))
-        t_k, e_k = _timed(kiln, ref, rep)
+        t_k, e_k = _timed(lambda: gemv_int4(x, w_kiln, s, z, g), ref, rep) if m <= 8 else (float("nan"), float("nan"))
         t_t, e_t = _timed(lambda: tg(x), ref, rep) if tg is not None else (float("nan"), float("nan"))
-        t_d, e_d = _timed(lambda: F.linear(x, dequantize_int4(w_kiln, s, z, g)), ref, rep) if m >= 16 else (
+        t_d, e_d = _timed(lambda: F.linear(x, dequantize_int4(w_kiln, s, z, g)), ref, rep) if m >= 8 else (
             float("nan"), float("nan"))
         rows.append((name, n, k, m, t_k, e_k, t_t, e_t, t_d, e_d, nbytes))
         print(rows[-1], flush=True)
@@ -74,7 +73,7 @@ def bench_shape(name: str, n: int, k: int, g: int) -> list[tuple]:
 
 
 def _table(rows: list[tuple]) -> str:
-    lines = ["| shape | N x K | M | Kiln Triton us | tinygemm us | deq+cuBLAS us | fastest | GB/s (Kiln / tinygemm) "
+    lines = ["| shape | N x K | M | Kiln GEMV us | tinygemm us | deq+cuBLAS us | fastest | GB/s (Kiln / tinygemm) "
              "| max rel err (Kiln / tinygemm / deq) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, n, k, m, t_k, e_k, t_t, e_t, t_d, e_d, nbytes in rows:
         times = {"Kiln": t_k, "tinygemm": t_t, "deq+cuBLAS": t_d}

@@ -5,14 +5,14 @@ sweep, and one CUDA graph of 32 INT4 layers + the bf16 lm_head (the batch-1 deco
 
   (a) correctness, bf16 (and fp32 on one shape): gemv_int4 (M = 1, 2, 4, 8, each shape with its
       decode fusion: qkv/gate_up RMSNorm prologue, dense residual, down SiLU + residual) and
-      gemm_int4 (M = 16, 64, 256, 1024) against the exact reference (runtime/quant/int4.py:
-      W = q * s + z in fp32, product in fp32), outputs poisoned with NaN;
+      dequantize_int4 + cuBLAS (M = 16, 64, 256, 1024) against the exact reference
+      (runtime/quant/int4.py: W = q * s + z in fp32, product in fp32), outputs poisoned with NaN;
   (b) per shape (8B, group 128, zero points): us per call and GB/s of the bytes read (packed
       weights + scales + zeros), graph-timed over enough weight copies to leave the 50 MB L2,
-      against bf16 (Kiln's gemv for M <= 8, cuBLAS above);
-  (c) --sweep: launch shapes per (shape, M class), best first, printed as TUNED_GEMV/TUNED_GEMM
+      against bf16 (Kiln's gemv for M <= 8, cuBLAS above) and tinygemm (up to 32 rows);
+  (c) --sweep: gemv_int4 launch shapes per (shape, M class), best first, printed as TUNED_GEMV
       lines for runtime/kernels/int4.py (time-budgeted);
-  (d) 32 layers (distinct weights) + final norm + bf16 lm_head in one graph at M = 1 and 8, the
+  (d) 32 layers (distinct weights) + final norm + bf16 lm_head in one graph at M = 1 and 2, the
       fused small-batch chain: ms per step and the tok/s it allows (attention excluded).
 
     PYTHONUNBUFFERED=1 python scripts/check_int4_gpu.py [--sweep] [--json PATH]     (< 10 min)
@@ -36,9 +36,9 @@ from bench_gemv_gpu import graph_ms, rel_err  # noqa: E402  (shared timing helpe
 
 from kiln.engine_builder.int4 import pack_int4  # noqa: E402
 from kiln.runtime.kernels.gemv import gemv  # noqa: E402
-from kiln.runtime.kernels.int4 import (Int4GemmConfig, Int4GemvConfig, _m_class, dequantize_int4,  # noqa: E402
-                                       gemm_int4, gemv_int4, repack)
+from kiln.runtime.kernels.int4 import Int4GemvConfig, _m_class, dequantize_int4, gemv_int4, repack  # noqa: E402
 from kiln.runtime.quant.int4 import fused_linear_int4  # noqa: E402
+from kiln.runtime.quant.tinygemm import TinygemmWeight  # noqa: E402
 
 DEV, DT, EPS, GROUP = "cuda", torch.bfloat16, 1e-5, 128
 H200_COPY_CEILING = 4.16e12  # bytes/s, read + write (shared REFERENCE.md section 5)
@@ -86,27 +86,35 @@ def check_correctness(results: dict) -> list[str]:
     torch.use_deterministic_algorithms(True)  # torch.empty gives NaN: unwritten outputs fail
     cases = [(name, DT, True) for name in SHAPES] + [("8b.dense", torch.float32, True), ("8b.qkv", DT, False)]
     for name, dtype, zero in cases:
-        n, k, fusion = SHAPES[name]
-        w = Weights(n, k, zero, dtype)
-        errs = []
-        for m in GEMV_MS + GEMM_MS:
-            if m in GEMV_MS:
-                x, kw = fused_kwargs(fusion, m, n, k, dtype)
-                got = gemv_int4(x, *w.args(), **kw)
-            else:
-                x, kw = torch.randn(m, k, device=DEV).to(dtype), {}
-                got = gemm_int4(x, *w.args())
-            want = fused_linear_int4(x, w.packed, w.scales, w.zeros, GROUP, **kw)
-            err = rel_err(got, want) if bool(torch.isfinite(got).all()) else float("nan")
-            errs.append(err)
-            if not err < (1e-4 if dtype == torch.float32 else 1e-2):
-                bad.append(f"{name} {dtype} zero={zero} M={m}: rel err {err:.2e}")
-        line = f"  {name:12s} {str(dtype)[6:]:8s} {'asym' if zero else 'sym '}  max rel err {max(errs):.2e}"
-        print(line)
-        results.setdefault("correctness", []).append([name, str(dtype), zero, errs])
+        try:
+            check_case(results, bad, name, dtype, zero)
+        except Exception as exc:  # noqa: BLE001 - e.g. a launch shape that does not compile: reported
+            bad.append(f"{name} {dtype} zero={zero}: {type(exc).__name__}: {str(exc)[:300]}")
+            print("  " + bad[-1])
     torch.use_deterministic_algorithms(False)
     print("  " + ("FAIL: " + "; ".join(bad) if bad else "all cases within tolerance"))
     return bad
+
+
+def check_case(results: dict, bad: list[str], name: str, dtype: torch.dtype, zero: bool) -> None:
+    n, k, fusion = SHAPES[name]
+    w = Weights(n, k, zero, dtype)
+    errs = []
+    for m in GEMV_MS + GEMM_MS:
+        if m in GEMV_MS:
+            x, kw = fused_kwargs(fusion, m, n, k, dtype)
+            got = gemv_int4(x, *w.args(), **kw)
+        else:
+            x, kw = torch.randn(m, k, device=DEV).to(dtype), {}
+            got = F.linear(x, dequantize_int4(*w.args()))
+        want = fused_linear_int4(x, w.packed, w.scales, w.zeros, GROUP, **kw)
+        err = rel_err(got, want) if bool(torch.isfinite(got).all()) else float("nan")
+        errs.append(err)
+        if not err < (1e-4 if dtype == torch.float32 else 1e-2):
+            bad.append(f"{name} {dtype} zero={zero} M={m}: rel err {err:.2e}")
+    line = f"  {name:12s} {str(dtype)[6:]:8s} {'asym' if zero else 'sym '}  max rel err {max(errs):.2e}"
+    print(line)
+    results.setdefault("correctness", []).append([name, str(dtype), zero, errs])
 
 
 def copies_for(nbytes: int) -> int:
@@ -117,57 +125,47 @@ def time_gemv(weights: list[Weights], x: torch.Tensor, kw: dict, cfg: Int4GemvCo
     return graph_ms(lambda: [gemv_int4(x, *w.args(), config=cfg, **kw) for w in weights], len(weights), 5, 3)[0]
 
 
-def time_gemm(weights: list[Weights], x: torch.Tensor, cfg: Int4GemmConfig | None) -> float:
-    return graph_ms(lambda: [gemm_int4(x, *w.args(), config=cfg) for w in weights], len(weights), 5, 3)[0]
-
-
 def per_shape(results: dict, best: dict) -> list[str]:
-    rows = ["shape         M   int4 us (GB/s, % of copy)   bf16 us   speed-up   dequant+cuBLAS us"]
-    print("(b) per shape, group 128 with zero points; bf16 = Kiln's gemv (M <= 8) or cuBLAS; from M = 16 "
-          "also dequantize_int4 + cuBLAS (what Int4Linear runs from DEQUANTIZE_FROM_ROWS rows)")
+    rows = ["shape         M   int4 us (GB/s, % of copy)   bf16 us   speed-up   tinygemm us"]
+    print("(b) per shape, group 128 with zero points; int4 = gemv_int4 (M <= 8) or dequantize_int4 + cuBLAS "
+          "(what Int4Linear runs above GEMV_UP_TO_ROWS); bf16 = Kiln's gemv (M <= 8) or cuBLAS")
     for name in [s for s in SHAPES if s.startswith("8b.")]:
         n, k, fusion = SHAPES[name]
         weights = [Weights(n, k) for _ in range(copies_for(n * k // 2))]
+        tiny = [TinygemmWeight.from_engine(w.packed, w.scales, w.zeros, GROUP) for w in weights]
         bf16 = [torch.randn(n, k, device=DEV, dtype=DT) * k ** -0.5 for _ in range(max(2, len(weights) // 4))]
         for m in GEMV_MS + GEMM_MS:
-            t_dq = float("nan")
+            t_tg = float("nan")
+            if m <= 32:
+                xt = torch.randn(m, k, device=DEV).to(DT)
+                t_tg = graph_ms(lambda: [tg(xt) for tg in tiny], len(tiny), 5, 3)[0]
             if m in GEMV_MS:
                 x, kw = fused_kwargs(fusion, m, n, k)
                 t = time_gemv(weights, x, kw, best.get((name, _m_class(m))))
                 t16 = graph_ms(lambda: [gemv(x, b, **kw) for b in bf16], len(bf16), 5, 3)[0]
             else:
                 x = torch.randn(m, k, device=DEV).to(DT)
-                t = time_gemm(weights, x, best.get((name, _m_class(m))))
+                t = graph_ms(lambda: [F.linear(x, dequantize_int4(*w.args())) for w in weights], len(weights), 5, 3)[0]
                 t16 = graph_ms(lambda: [F.linear(x, b) for b in bf16], len(bf16), 5, 3)[0]
-                t_dq = graph_ms(lambda: [F.linear(x, dequantize_int4(*w.args())) for w in weights], len(weights), 5, 3)[0]
             gbs = weights[0].nbytes / t / 1e6
             line = (f"{name:12s} {m:4d}   {t * 1e3:8.1f} ({gbs:5.0f}, {gbs * 1e9 / H200_COPY_CEILING:4.0%})"
-                    f"        {t16 * 1e3:8.1f}   {t16 / t:5.2f}x   {t_dq * 1e3:8.1f}")
+                    f"        {t16 * 1e3:8.1f}   {t16 / t:5.2f}x   {t_tg * 1e3:8.1f}")
             print("  " + line)
             rows.append(line)
-            results.setdefault("per_shape", []).append([name, m, t, gbs, t16, t_dq])
-        del weights, bf16
+            results.setdefault("per_shape", []).append([name, m, t, gbs, t16, t_tg])
+        del weights, bf16, tiny
         torch.cuda.empty_cache()
     return rows
 
 
-SWEEP_MS = (1, 2, 8, 16, 64, 256)
+SWEEP_MS = (1, 2)  # what Int4Linear runs on gemv_int4 in bf16 (GEMV_UP_TO_ROWS); 3-8 rows share "m8"
 
 
-def sweep_candidates(m: int) -> list[Int4GemvConfig | Int4GemmConfig]:
-    """About 20-40 launch shapes per M class around the heuristics."""
-    if m == 1:
-        return ([Int4GemvConfig(bn, g, w, 3) for bn in (4, 8, 16) for g in (4, 8, 16) for w in (4, 8)]
-                + [Int4GemvConfig(8, 8, 4, s) for s in (2, 4)]
-                + [Int4GemvConfig(bn, g, 4, 3, True) for bn in (16, 32) for g in (2, 4)])
-    if m == 2:
-        return ([Int4GemvConfig(bn, g, w, 3) for bn in (2, 4, 8) for g in (4, 8) for w in (4, 8)]
-                + [Int4GemvConfig(bn, g, 4, s, True) for bn in (16, 32, 64) for g in (2, 4) for s in (3, 4)])
-    if m <= 8:
-        return [Int4GemvConfig(bn, g, w, s, True) for bn in (16, 32, 64) for g in (1, 2, 4) for w in (4, 8)
-                for s in (3, 4)]
-    return [Int4GemmConfig(bm, bn, w, s, g) for bm in (16, 32, 64, 128) for bn in (32, 64, 128) for w in (4, 8)
-            for s in (3, 4) for g in (1, 2) if bm <= max(16, m) and (w == 8) == (bm * bn >= 64 * 128)]
+def sweep_candidates(m: int) -> list[Int4GemvConfig]:
+    """Launch shapes: at most ~64 fp32 partial sums per thread per tile (STEP x BLOCK_N over the
+    threads; STEP = 16 word rows per group of 128) and no thread without a column of its own."""
+    return [Int4GemvConfig(bn, g, w, s) for bn in (8, 16, 32, 64, 128) for g in (1, 2, 4, 8) for w in (2, 4, 8)
+            for s in (2, 3, 4) if 2 * w <= g * bn <= 128 * w]
 
 
 def _compile_task(task: tuple) -> str:
@@ -177,11 +175,8 @@ def _compile_task(task: tuple) -> str:
     n, k, fusion = SHAPES[name]
     try:
         w = Weights(256, k)
-        if m <= 8:
-            x, kw = fused_kwargs(fusion, m, 256, k)
-            gemv_int4(x, *w.args(), config=cfg, **kw)
-        else:
-            gemm_int4(torch.randn(m, k, device=DEV).to(DT), *w.args(), config=cfg)
+        x, kw = fused_kwargs(fusion, m, 256, k)
+        gemv_int4(x, *w.args(), config=cfg, **kw)
         torch.cuda.synchronize()
         return ""
     except Exception as exc:  # noqa: BLE001 - a config that fails to build is reported, not fatal
@@ -216,8 +211,7 @@ def sweep(results: dict) -> dict:
         deadline = time.time() + (START + SWEEP_BUDGET_S - time.time()) / (len(groups) - i)
         n, k, fusion = SHAPES[name]
         weights = [Weights(n, k) for _ in range(min(16, copies_for(n * k // 2)))]
-        gemv_case = m <= 8
-        x, kw = fused_kwargs(fusion, m, n, k) if gemv_case else (torch.randn(m, k, device=DEV).to(DT), {})
+        x, kw = fused_kwargs(fusion, m, n, k)
         want = fused_linear_int4(x, weights[0].packed, weights[0].scales, weights[0].zeros, GROUP, **kw)
         timed = []
         for cfg in sweep_candidates(m):
@@ -225,11 +219,10 @@ def sweep(results: dict) -> dict:
                 print(f"  {name} M={m}: sweep budget spent after {len(timed)} configs")
                 break
             try:
-                run = gemv_int4 if gemv_case else gemm_int4
-                if not rel_err(run(x, *weights[0].args(), config=cfg, **kw), want) < 1e-2:
+                if not rel_err(gemv_int4(x, *weights[0].args(), config=cfg, **kw), want) < 1e-2:
                     print(f"  {name} M={m} {cfg}: wrong result, skipped")
                     continue
-                t = time_gemv(weights, x, kw, cfg) if gemv_case else time_gemm(weights, x, cfg)
+                t = time_gemv(weights, x, kw, cfg)
                 timed.append((t * 1e3, cfg))
             except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory or registers
                 print(f"  {name} M={m} {cfg}: {type(exc).__name__}: {str(exc)[:120]}")
@@ -251,7 +244,7 @@ def whole_model(results: dict, best: dict) -> list[str]:
     layers = [{nm: Weights(*SHAPES[nm][:2]) for nm in names} for _ in range(32)]
     norms = [(1 + 0.1 * torch.randn(hidden, device=DEV)).to(DT) for _ in range(65)]
     lm_head = torch.randn(vocab, hidden, device=DEV, dtype=DT) * hidden ** -0.5
-    for m in (1, 8):
+    for m in (1, 2):
         cfg = {nm: best.get((nm, _m_class(m))) for nm in names}
         h0 = torch.randn(m, hidden, device=DEV).to(DT)
         h, attn = torch.empty_like(h0), torch.empty_like(h0)
@@ -298,8 +291,7 @@ def main() -> None:
         print("tuned launch shapes (paste into runtime/kernels/int4.py):")
         for (name, mc), cfg in sorted(best.items()):
             n, k, _ = SHAPES[name]
-            table = "TUNED_GEMV" if isinstance(cfg, Int4GemvConfig) else "TUNED_GEMM"
-            print(f"  {table}[({n}, {k}, {GROUP}, {mc!r})] = {cfg}")
+            print(f"  ({n}, {k}, {GROUP}, {mc!r}): {cfg},")
     print("correctness: " + ("FAIL " + "; ".join(bad) if bad else "ok"))
     print("\n".join(shape_rows + model_rows))
     print(f"total {time.time() - START:.0f} s")

@@ -3,19 +3,18 @@ layout, engine_builder/int4.py), activations and outputs in the model dtype.
 
 Numerics (one definition every path follows): W = q * s + z per group in fp32, x' = dtype(x * p)
 when the engine has pre-quantization scales p (else x' = x), y = dtype(x' @ W^T) accumulated in
-fp32. On the Triton kernel set the products are ``gemv_int4`` (1-8 rows; the fused small-batch
-path adds gemv's norm / SiLU prologue and residual epilogue and folds p in) and ``gemm_int4``;
-their weights are repacked once at load (``kernels.int4.repack``). Prefill-sized batches
-(``DEQUANTIZE_FROM_ROWS``) multiply W rounded to the model dtype with cuBLAS instead (a relative
-difference of at most 2^-9 per weight in bf16). Elsewhere (CPU, or the torch
-kernel set) the reference dequantizes W in fp32 and multiplies: exact up to summation order.
+fp32. On the Triton kernel set, products of up to ``Int4Ops.gemv_up_to_rows`` rows run on
+``gemv_int4`` (the fused small-batch path adds gemv's norm / SiLU prologue and residual epilogue
+and folds p in), and so do those of up to ``max_small_rows`` that tinygemm (below) does not
+take; its weights are repacked once at load (``kernels.int4.repack``). Bigger batches multiply
+W rounded to the model dtype (``dequantize_int4``) with cuBLAS (a relative difference of at most
+2^-9 per weight in bf16). Elsewhere (CPU, or the torch kernel set) the reference
+dequantizes W in fp32 and multiplies: exact up to summation order.
 
 tinygemm (quant/tinygemm.py): with bf16 activations on sm >= 80, a linear whose shape tinygemm
-takes runs every product of fewer than ``Int4Ops.tinygemm_below_rows`` rows on it instead of
-the Triton kernels (1.6-11x faster than the GEMV at 1-8 rows on an H200); the fused small-batch path
-then runs Kiln's norm / SiLU kernels, tinygemm and the residual add one after another, rounding
-where the fused kernel does. Prefill-sized batches still dequantize from Kiln's layout, so such
-a linear keeps both layouts on the GPU: 1 byte per weight instead of 0.5 (still half of bf16).
+takes runs the products of more than ``gemv_up_to_rows`` and fewer than
+``Int4Ops.tinygemm_below_rows`` rows on it (when that range is not empty); such a linear keeps
+both layouts on the GPU: 1 byte per weight instead of 0.5 (still half of bf16).
 """
 
 from __future__ import annotations
@@ -73,13 +72,13 @@ class Int4Ops:
 
     linear: Callable[..., torch.Tensor] = int4_linear
     small: Callable[..., torch.Tensor] = fused_linear_int4  # 1-8 rows, with the fused prologue/epilogue
-    gemm: Callable[..., torch.Tensor] | None = None  # gemm_int4 (any rows); None: ``linear`` for all
-    dequantize: Callable[..., torch.Tensor] | None = None  # W in the model dtype, for cuBLAS on big batches
+    dequantize: Callable[..., torch.Tensor] | None = None  # W in the model dtype, for cuBLAS; None: ``linear``
     repack: Callable[[torch.Tensor, int], torch.Tensor] | None = None
-    max_small_rows: int = 0  # ``apply`` runs ``small`` up to this many rows
-    dequantize_from_rows: int = 0  # ``apply`` runs cuBLAS on ``dequantize``'s W from this many rows
+    gemv_up_to_rows: int = 0  # ``apply`` runs ``small`` up to this many rows (tinygemm or not)
+    max_small_rows: int = 0  # ... and up to this many where tinygemm does not take the linear; cuBLAS on
+    # ``dequantize``'s W above
     fused_layers: bool = False  # whether the model should run its fused small-batch layers on ``small``
-    tinygemm_below_rows: int = 0  # products of fewer rows run on tinygemm where it takes the linear
+    tinygemm_below_rows: int = 0  # bigger products of fewer rows run on tinygemm where it takes the linear
 
 
 def select_int4_ops(ops: Any) -> Int4Ops:
@@ -87,8 +86,8 @@ def select_int4_ops(ops: Any) -> Int4Ops:
         return Int4Ops()
     from kiln.runtime.kernels import int4 as k
 
-    return Int4Ops(small=k.gemv_int4, gemm=k.gemm_int4, dequantize=k.dequantize_int4, repack=k.repack,
-                   max_small_rows=k.MAX_ROWS, dequantize_from_rows=k.DEQUANTIZE_FROM_ROWS, fused_layers=True,
+    return Int4Ops(small=k.gemv_int4, dequantize=k.dequantize_int4, repack=k.repack,
+                   gemv_up_to_rows=k.GEMV_UP_TO_ROWS, max_small_rows=k.GEMV_MAX_ROWS, fused_layers=True,
                    tinygemm_below_rows=k.TINYGEMM_BELOW_ROWS)
 
 
@@ -99,8 +98,8 @@ class Int4Linear(LinearMethod):
     """An INT4 linear of this rank: packed weight [N, K/2], ``scales`` (and ``zeros``) [K/g, N] and
     optional ``prequant`` [K], all but the weight in the compute dtype.
 
-    Invariants: g divides K; ``weight`` is in the layout ``int4.small``/``gemm`` read (repacked
-    at load on the Triton path, the engine's packing otherwise); ``tinygemm``, when not None,
+    Invariants: g divides K; ``weight`` is in the layout ``int4.small``/``dequantize`` read
+    (repacked at load on the Triton path, the engine's packing otherwise); ``tinygemm``, when not None,
     holds the same q, s, z in tinygemm's layout (an extra 0.5 byte per weight: Kiln's layout stays
     for the dequantize + cuBLAS path of big batches); ``prepare`` applies ``prequant`` so
     ``apply`` takes x' (``small`` applies it itself); parts joined by ``concat`` share one
@@ -114,14 +113,14 @@ class Int4Linear(LinearMethod):
                  tinygemm: TinygemmWeight | None = None) -> None:
         """``repacked``: ``packed`` is already in the kernels' layout (``concat``), and then
         ``tinygemm`` is the parts' joined tinygemm weight, if any (else it is made here)."""
-        super().__init__(ctx, packed.shape[1] * 2, packed.shape[0])
+        super().__init__(ctx, scales.shape[0] * group_size, scales.shape[1])  # either layout
         self.int4 = select_int4_ops(ctx.ops)
         self.group_size = group_size
         packed = packed.to(ctx.device).contiguous()
         self.scales = _to(ctx, scales)
         self.zeros = None if zeros is None else _to(ctx, zeros)
         self.prequant = None if prequant is None else _to(ctx, prequant.reshape(-1))
-        if not repacked and self.int4.tinygemm_below_rows and tinygemm_accepts(
+        if not repacked and self._tinygemm_rows(self.int4.gemv_up_to_rows + 1) and tinygemm_accepts(
                 self.out_features, self.in_features, group_size, ctx.dtype, ctx.device):
             tinygemm = TinygemmWeight.from_engine(packed, self.scales, self.zeros, group_size)
         self.tinygemm = tinygemm
@@ -157,25 +156,29 @@ class Int4Linear(LinearMethod):
         if any((a is None) != (pre[0] is None) or (a is not None and not torch.equal(a, pre[0])) for a in pre):
             raise UnsupportedQuantizationError("linears fused into one GEMM have different prequant_scaling_factor")
         zeros = None if first.zeros is None else torch.cat([p.zeros for p in int4_parts], dim=1)
-        return cls(first.ctx, torch.cat([p.weight for p in int4_parts]), torch.cat([p.scales for p in int4_parts], dim=1),
+        out_dim = 1 if first.int4.repack is not None else 0  # the kernel layout is [K/8, N], the engine's [N, K/2]
+        return cls(first.ctx, torch.cat([p.weight for p in int4_parts], dim=out_dim),
+                   torch.cat([p.scales for p in int4_parts], dim=1),
                    zeros, pre[0], first.group_size, repacked=True,
                    tinygemm=TinygemmWeight.concat([p.tinygemm for p in int4_parts]))
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.prequant is None else prescale(x, self.prequant)
 
+    def _tinygemm_rows(self, rows: int) -> bool:
+        """Whether a product of ``rows`` rows belongs to tinygemm (given a tinygemm weight)."""
+        return self.int4.gemv_up_to_rows < rows < self.int4.tinygemm_below_rows
+
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        ops = self.int4
-        if ops.gemm is None:
+        ops, rows = self.int4, x.shape[0]
+        if ops.dequantize is None:
             y = ops.linear(x, self.weight, self.scales, self.zeros, self.group_size)
-        elif self.tinygemm is not None and x.shape[0] < ops.tinygemm_below_rows:
+        elif self.tinygemm is not None and self._tinygemm_rows(rows):
             y = self.tinygemm(x)
-        elif x.shape[0] <= ops.max_small_rows:
+        elif rows <= ops.max_small_rows:
             y = ops.small(x, self.weight, self.scales, self.zeros, self.group_size)
-        elif x.shape[0] >= ops.dequantize_from_rows:
-            y = F.linear(x, ops.dequantize(self.weight, self.scales, self.zeros, self.group_size))
         else:
-            y = ops.gemm(x, self.weight, self.scales, self.zeros, self.group_size)
+            y = F.linear(x, ops.dequantize(self.weight, self.scales, self.zeros, self.group_size))
         return y if bias is None else y + bias
 
     @property
@@ -183,7 +186,7 @@ class Int4Linear(LinearMethod):
         return self.int4.fused_layers
 
     def small(self, x: torch.Tensor, **fused: Any) -> torch.Tensor:
-        if self.tinygemm is not None and x.shape[0] < self.int4.tinygemm_below_rows:
+        if self.tinygemm is not None and self._tinygemm_rows(x.shape[0]):
             return self._tinygemm_small(x, **fused)
         return self.int4.small(x, self.weight, self.scales, self.zeros, self.group_size, prequant=self.prequant, **fused)
 

@@ -1,6 +1,6 @@
 """INT4 engines on CUDA (skipped without a GPU): the Triton W4A16 path (repacked weights, fused
-small-batch GEMVs, the GEMM, dequantize + cuBLAS for big prefills, CUDA graphs) against the same
-engine on the CPU reference path (dequantize, then multiply), teacher-forced and greedy."""
+small-batch GEMVs, tinygemm for 9-31 rows in bf16, dequantize + cuBLAS above, CUDA graphs) against
+the same engine on the CPU reference path (dequantize, then multiply), teacher-forced and greedy."""
 
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ def _run(engine: Path, device: str, prompts: list[list[int]]) -> list:
 
 def test_int4_engine_on_cuda_matches_the_cpu_reference(engine: Path) -> None:
     gen = torch.Generator().manual_seed(0)
-    # One prompt long enough for the dequantize + cuBLAS prefill (>= 1024 rows), a few short
-    # ones (GEMM prefill), decoding 1..5 sequences at once (fused GEMVs, then GEMVs and GEMMs).
+    # One long prompt and a few short ones (dequantize + cuBLAS prefills), decoding 1..5
+    # sequences at once (fused GEMVs, then plain GEMVs).
     lengths = [1100, 7, 30, 3, 12]
     prompts = [torch.randint(3, 1000, (n,), generator=gen).tolist() for n in lengths]
     cuda, cpu = _run(engine, "cuda", prompts), _run(engine, "cpu", prompts)
@@ -42,7 +42,7 @@ def test_int4_engine_on_cuda_matches_the_cpu_reference(engine: Path) -> None:
         assert got.outputs[0].token_ids == want.outputs[0].token_ids
 
 
-# ----------------------------------------------------------------------------- tinygemm route (bf16)
+# ----------------------------------------------------------------------------- bf16 routes: GEMV, tinygemm, cuBLAS
 
 
 def _triton_int4(n: int, k: int, group: int, zero: bool, prequant: bool, seed: int, name: str = "l"):
@@ -74,12 +74,12 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> None:
     torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
 
 
-@pytest.mark.parametrize("m", [1, 2, 8, 33])
+@pytest.mark.parametrize("m", [1, 2, 8, 16])
 @pytest.mark.parametrize("fusion", ["none", "norm", "silu_mul", "residual", "prequant"])
-def test_tinygemm_small_matches_float64(m: int, fusion: str) -> None:
-    """``small`` on the tinygemm route with each fusion against float64 of the reference's
-    rounding points: the prologue (layers.linear_prologue, one bf16 rounding), dtype(x * p),
-    then x' @ W^T (+ residual) in float64."""
+def test_small_matches_float64(m: int, fusion: str) -> None:
+    """``small`` with each fusion (gemv_int4 up to 8 rows, unfused around tinygemm at 16) against
+    float64 of the reference's rounding points: the prologue (layers.linear_prologue, one bf16
+    rounding), dtype(x * p), then x' @ W^T (+ residual) in float64."""
     from kiln.runtime.layers import linear_prologue
 
     n, k = 384, 256
@@ -102,8 +102,9 @@ def test_tinygemm_small_matches_float64(m: int, fusion: str) -> None:
     _close(got, want)
 
 
-@pytest.mark.parametrize("m", [1, 2, 8, 33, 200])
-def test_tinygemm_apply_matches_float64(m: int) -> None:
+@pytest.mark.parametrize("m", [1, 2, 8, 16, 33, 200])
+def test_apply_matches_float64(m: int) -> None:
+    """``apply`` on each route: gemv_int4, tinygemm (16), dequantize + cuBLAS (33, 200)."""
     method, _, w, _ = _triton_int4(200, 512, 64, zero=True, prequant=False, seed=10 + m)
     assert method.tinygemm is not None
     x = torch.randn(m, 512, device="cuda").to(torch.bfloat16)
@@ -126,11 +127,12 @@ def test_tinygemm_concat_is_the_layout_of_the_joined_weight() -> None:
     assert torch.equal(fused.weight, whole.weight)
 
 
-def test_tinygemm_small_captures_in_a_cuda_graph() -> None:
+@pytest.mark.parametrize("m", [2, 16])
+def test_small_captures_in_a_cuda_graph(m: int) -> None:
     method, _, w, _ = _triton_int4(256, 256, 128, zero=True, prequant=False, seed=30)
     norm_w = torch.ones(256, device="cuda", dtype=torch.bfloat16)
-    x = torch.randn(2, 256, device="cuda").to(torch.bfloat16)
-    residual = torch.randn(2, 256, device="cuda").to(torch.bfloat16)
+    x = torch.randn(m, 256, device="cuda").to(torch.bfloat16)
+    residual = torch.randn(m, 256, device="cuda").to(torch.bfloat16)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm up (Triton compiles) outside the capture
@@ -140,7 +142,7 @@ def test_tinygemm_small_captures_in_a_cuda_graph() -> None:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = method.small(method.small(x, norm_weight=norm_w, eps=1e-5), residual=residual)
-    x.copy_(torch.randn(2, 256, device="cuda").to(torch.bfloat16))
+    x.copy_(torch.randn(m, 256, device="cuda").to(torch.bfloat16))
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, method.small(method.small(x, norm_weight=norm_w, eps=1e-5), residual=residual))
@@ -157,9 +159,10 @@ LOGPROB_SHIFT = 0.05  # bf16 engines: rounding of activations differs between pa
 
 
 def test_int4_bf16_engine_on_tinygemm_matches_the_reference_path(bf16_engine: Path) -> None:
-    """The bf16 engine on CUDA with every linear on tinygemm below 1024 rows (graphs and eager)
-    against the same engine on the torch reference ops (CUDA, eager) and on the CPU (fp32):
-    prompt logprobs (prefills of 3..1100 rows: tinygemm, dequantize + cuBLAS) and the top
+    """The bf16 engine on CUDA on the Triton kernel set (graphs and eager; every linear also
+    holds a tinygemm weight) against the same engine on the torch reference ops (CUDA, eager)
+    and on the CPU (fp32): prompt logprobs (prefills of 3..1100 rows: gemv_int4, tinygemm,
+    dequantize + cuBLAS) and the top
     logprobs of each generated token while the tokens before it agree (decode of 5 rows on
     ``apply``, then of 1 row on the fused small-batch path) are within LOGPROB_SHIFT; graphs
     and eager give the same first tokens."""
