@@ -11,7 +11,10 @@ rank has mapped (CUDA IPC over NVLink), and one kernel reads all the peers' copi
 them (``torch.ops.symm_mem.one_shot_all_reduce_copy``, the idea of vLLM's and TensorRT-LLM's
 custom all-reduce). It is captured in CUDA graphs like the NCCL call. Larger tensors, other
 dtypes and machines where the buffer cannot be mapped keep NCCL. ``KILN_ALL_REDUCE=nccl``
-turns the peer path off (for comparisons).
+turns the peer path off (for comparisons). ``KILN_ALL_REDUCE=two_shot`` (opt-in, not yet run on
+a GPU) also sends messages up to ``TWO_SHOT_MAX_BYTES`` through PyTorch's two-shot all-reduce
+over the same buffer (``torch.ops.symm_mem.two_shot_all_reduce_``: reduce-scatter then
+all-gather through peer memory), if a first call at start-up works on every rank.
 """
 
 from __future__ import annotations
@@ -28,6 +31,13 @@ logger = logging.getLogger(__name__)
 # NCCL up to 1 MiB (6.5 vs 12-23 us small, 14.8 vs 21-26 us at 1 MiB) and tied from 2 MiB
 # (scripts/bench_allreduce_gpu.py measures the crossover).
 PEER_ALL_REDUCE_MAX_BYTES = 1 << 20
+TWO_SHOT_MAX_BYTES = 16 << 20
+"""With ``KILN_ALL_REDUCE=two_shot``, messages above the one-shot limit and up to this size take
+the two-shot peer all-reduce: each rank moves 2 (ranks - 1) / ranks of the tensor instead of
+one-shot's (ranks - 1) whole copies, vLLM's choice on two Hopper GPUs up to tens of MiB. Opt-in
+until scripts/bench_allreduce_gpu.py has compared it with NCCL: the 70B tp 2 decode step at batch
+256 spends 23% of its time in 4 MiB NCCL all-reduces (BENCHMARKS.md "Fourth H200 session")."""
+ALL_REDUCE_MODES = ("auto", "nccl", "two_shot")
 
 
 class Collectives:
@@ -82,8 +92,16 @@ class DistributedCollectives(Collectives):
         self._gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         self._peer_buffer: torch.Tensor | None = None  # bf16, mapped by every rank
         self._group_name = ""
-        if device.type == "cuda" and peer_max_bytes > 0 and os.environ.get("KILN_ALL_REDUCE", "auto") != "nccl":
-            self._peer_buffer = self._map_peer_buffer(peer_max_bytes)
+        self._one_shot_numel = peer_max_bytes // 2  # elements of a 2-byte dtype
+        self._two_shot_numel = 0  # > 0 only once the start-up probe passed on every rank
+        mode = os.environ.get("KILN_ALL_REDUCE", "auto")
+        if mode not in ALL_REDUCE_MODES:
+            raise ValueError(f"KILN_ALL_REDUCE={mode!r}: choose one of {', '.join(ALL_REDUCE_MODES)}")
+        if device.type == "cuda" and peer_max_bytes > 0 and mode != "nccl":
+            two_shot = mode == "two_shot"
+            self._peer_buffer = self._map_peer_buffer(max(peer_max_bytes, TWO_SHOT_MAX_BYTES if two_shot else 0))
+            if two_shot and self._peer_buffer is not None:
+                self._two_shot_numel = self._probe_two_shot(TWO_SHOT_MAX_BYTES // 2)
 
     def _map_peer_buffer(self, nbytes: int) -> torch.Tensor | None:
         """The symmetric buffer of the one-shot all-reduce, or None (NCCL only) on every rank.
@@ -111,20 +129,52 @@ class DistributedCollectives(Collectives):
         if self.min_int(1 if buffer is not None else 0) == 0:
             return None
         if self.rank == 0:
-            logger.info("all-reduces up to %d KiB: one-shot over peer memory; larger: NCCL", nbytes >> 10)
+            logger.info("all-reduces up to %d KiB: one-shot over peer memory; larger: NCCL",
+                        self._one_shot_numel * 2 >> 10)
         return buffer
 
-    def _takes_peer_path(self, x: torch.Tensor) -> bool:
+    def _probe_two_shot(self, numel: int) -> int:
+        """``numel`` if a two-shot all-reduce of a small tensor gives the right sum on every rank,
+        else 0 (and the two-shot path stays off on every rank). A collective, like the mapping."""
+        ok = 0
+        try:
+            assert self._peer_buffer is not None
+            probe = self._peer_buffer[:4096]
+            probe.fill_(float(self.rank + 1))
+            torch.ops.symm_mem.two_shot_all_reduce_(probe, "sum", self._group_name)
+            want = self.world_size * (self.world_size + 1) / 2
+            ok = int(bool((probe.float() == want).all()))
+        except Exception as exc:  # noqa: BLE001 - an op this torch lacks, a launch failure: no two-shot
+            logger.warning("two-shot peer all-reduce unavailable (%s: %s)", type(exc).__name__, exc)
+        if self.min_int(ok) == 0:
+            return 0
+        if self.rank == 0:
+            logger.info("all-reduces above %d KiB and up to %d KiB: two-shot over peer memory (KILN_ALL_REDUCE=two_shot)",
+                        self._one_shot_numel * 2 >> 10, numel * 2 >> 10)
+        return numel
+
+    def _peer_path(self, x: torch.Tensor) -> str | None:
+        """"one_shot", "two_shot" or None (NCCL) for ``x``; the same on every rank (same shapes)."""
         buffer = self._peer_buffer
-        return (buffer is not None and x.dtype in (torch.bfloat16, torch.float16) and x.is_cuda
-                and x.numel() <= buffer.numel() and (x.numel() * 2) % 16 == 0 and x.data_ptr() % 16 == 0
-                and x.is_contiguous())  # the kernel moves 16-byte vectors
+        if not (buffer is not None and x.dtype in (torch.bfloat16, torch.float16) and x.is_cuda
+                and (x.numel() * 2) % 16 == 0 and x.data_ptr() % 16 == 0 and x.is_contiguous()):
+            return None  # the kernels move 16-byte vectors
+        if x.numel() <= self._one_shot_numel:
+            return "one_shot"
+        # two-shot splits x into one 16-byte-aligned slice per rank
+        two_shot = x.numel() <= self._two_shot_numel and x.numel() % (8 * self.world_size) == 0
+        return "two_shot" if two_shot else None
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self._takes_peer_path(x):
+        path = self._peer_path(x)
+        if path is not None:
             assert self._peer_buffer is not None
             symm = self._peer_buffer.view(x.dtype)[: x.numel()].view(x.shape)
-            return torch.ops.symm_mem.one_shot_all_reduce_copy(symm, x, "sum", self._group_name)
+            if path == "one_shot":
+                return torch.ops.symm_mem.one_shot_all_reduce_copy(symm, x, "sum", self._group_name)
+            symm.copy_(x)
+            torch.ops.symm_mem.two_shot_all_reduce_(symm, "sum", self._group_name)
+            return x.copy_(symm)
         self._dist.all_reduce(x)
         return x
 
