@@ -104,7 +104,7 @@ class DistributedCollectives(Collectives):
                 self._two_shot_numel = self._probe_two_shot(TWO_SHOT_MAX_BYTES // 2)
 
     def _map_peer_buffer(self, nbytes: int) -> torch.Tensor | None:
-        """The symmetric buffer of the one-shot all-reduce, or None (NCCL only) on every rank.
+        """The symmetric buffer of the peer all-reduces, or None (NCCL only) on every rank.
 
         A collective: every rank calls it at the same point (the constructor). The ranks agree
         on the outcome, so no rank waits in a peer all-reduce the others do not run.
@@ -154,7 +154,8 @@ class DistributedCollectives(Collectives):
         return numel
 
     def _peer_path(self, x: torch.Tensor) -> str | None:
-        """"one_shot", "two_shot" or None (NCCL) for ``x``; the same on every rank (same shapes)."""
+        """The peer path ``x`` takes ("one_shot", "two_shot") or None for NCCL; the same on every
+        rank (the ranks reduce tensors of the same shapes)."""
         buffer = self._peer_buffer
         if not (buffer is not None and x.dtype in (torch.bfloat16, torch.float16) and x.is_cuda
                 and (x.numel() * 2) % 16 == 0 and x.data_ptr() % 16 == 0 and x.is_contiguous()):

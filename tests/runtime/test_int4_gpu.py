@@ -31,7 +31,7 @@ def _run(engine: Path, device: str, prompts: list[list[int]]) -> list:
 def test_int4_engine_on_cuda_matches_the_cpu_reference(engine: Path) -> None:
     gen = torch.Generator().manual_seed(0)
     # One long prompt and a few short ones (dequantize + cuBLAS prefills), decoding 1..5
-    # sequences at once (fused GEMVs, then plain GEMVs).
+    # sequences at once (fp32, no tinygemm: fused GEMVs up to 2 rows, dequantize + cuBLAS above).
     lengths = [1100, 7, 30, 3, 12]
     prompts = [torch.randint(3, 1000, (n,), generator=gen).tolist() for n in lengths]
     cuda, cpu = _run(engine, "cuda", prompts), _run(engine, "cpu", prompts)
@@ -161,8 +161,8 @@ LOGPROB_SHIFT = 0.05  # bf16 engines: rounding of activations differs between pa
 def test_int4_bf16_engine_on_tinygemm_matches_the_reference_path(bf16_engine: Path) -> None:
     """The bf16 engine on CUDA on the Triton kernel set (graphs and eager; every linear also
     holds a tinygemm weight) against the same engine on the torch reference ops (CUDA, eager)
-    and on the CPU (fp32): prompt logprobs (prefills of 3..1100 rows: gemv_int4, tinygemm,
-    dequantize + cuBLAS) and the top
+    and on the CPU (fp32): prompt logprobs (prefills of 3..1100 rows: tinygemm, dequantize +
+    cuBLAS) and the top
     logprobs of each generated token while the tokens before it agree (decode of 5 rows on
     ``apply``, then of 1 row on the fused small-batch path) are within LOGPROB_SHIFT; graphs
     and eager give the same first tokens."""
