@@ -28,7 +28,8 @@ against float64).
 ``gemv_int4`` (1-8 rows, CUDA cores) takes the fused prologue/epilogue of ``gemv`` (RMSNorm or
 SiLU-and-mul of the raw activation, the residual add; the same rounding points) plus an optional
 per-input pre-quantization scale. Bigger batches dequantize W to the model dtype
-(``dequantize_int4``) for cuBLAS, or run on tinygemm (runtime/quant/int4.py chooses).
+(``dequantize_int4``) for cuBLAS, or run on the tensor-core kernel (kernels/int4_mma.py, 1-32
+rows in bf16/fp16) or tinygemm (runtime/quant/int4.py chooses).
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ row) and bigger ones dequantize W for cuBLAS: on the same H200 table, dequantize
 rows (qkv 37.6 us, down 82.7 us) beat gemv_int4 at four (49.2, 191.5 us) and lost at two (22.5,
 51.1 us)."""
 TINYGEMM_BELOW_ROWS = 32
-"""Products of more than ``GEMV_UP_TO_ROWS`` and fewer than this many rows run on PyTorch's
-tinygemm where it takes the linear (runtime/quant/tinygemm.py: bf16, sm >= 80); on an H200
+"""With ``KILN_INT4_SMALL=tinygemm`` (or no tensor-core kernel: kernels/int4_mma.py is the default
+below 33 rows), products of more than ``GEMV_UP_TO_ROWS`` and fewer than this many rows run on
+PyTorch's tinygemm where it takes the linear (runtime/quant/tinygemm.py: bf16, sm >= 80); on an H200
 (scripts/bench_int4_tinygemm_gpu.py, Llama-3.1-8B shapes, 2026-11-30) dequantize + cuBLAS was
 faster from 32 rows (qkv 35.0 vs 61.4 us; gate_up 159.5 vs 261.2 us)."""
 _ONE = tl.constexpr(0x3F800000)  # fp32 bits of 1.0

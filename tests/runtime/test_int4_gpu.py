@@ -1,6 +1,8 @@
 """INT4 engines on CUDA (skipped without a GPU): the Triton W4A16 path (repacked weights, fused
-small-batch GEMVs, tinygemm for 9-31 rows in bf16, dequantize + cuBLAS above, CUDA graphs) against
-the same engine on the CPU reference path (dequantize, then multiply), teacher-forced and greedy."""
+small-batch GEMVs; in bf16 the tensor-core kernel for 1-32 rows, or with KILN_INT4_SMALL=tinygemm
+tinygemm for 1-31; dequantize + cuBLAS above; CUDA graphs) against the same engine on the CPU
+reference path (dequantize, then multiply), teacher-forced and greedy; the bf16 routes against
+float64."""
 
 from __future__ import annotations
 
@@ -42,7 +44,21 @@ def test_int4_engine_on_cuda_matches_the_cpu_reference(engine: Path) -> None:
         assert got.outputs[0].token_ids == want.outputs[0].token_ids
 
 
-# ----------------------------------------------------------------------------- bf16 routes: GEMV, tinygemm, cuBLAS
+# ----------------------------------------------------------------------------- bf16 routes: mma, tinygemm, cuBLAS
+
+
+@pytest.fixture(params=["mma", "tinygemm"])
+def route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The small-batch route of bf16 INT4 linears made in the test (runtime/quant/int4.py MMA_ENV)."""
+    monkeypatch.setenv("KILN_INT4_SMALL", request.param)
+    return request.param
+
+
+def _on_route(method, route: str) -> None:
+    if route == "mma":
+        assert method.mma is not None and method.tinygemm is None
+    else:
+        assert method.mma is None and method.tinygemm is not None
 
 
 def _triton_int4(n: int, k: int, group: int, zero: bool, prequant: bool, seed: int, name: str = "l"):
@@ -76,8 +92,8 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("m", [1, 2, 8, 16])
 @pytest.mark.parametrize("fusion", ["none", "norm", "silu_mul", "residual", "prequant"])
-def test_small_matches_float64(m: int, fusion: str) -> None:
-    """``small`` with each fusion (gemv_int4 up to 8 rows, unfused around tinygemm at 16) against
+def test_small_matches_float64(m: int, fusion: str, route: str) -> None:
+    """``small`` with each fusion (unfused around the tensor-core kernel or tinygemm) against
     float64 of the reference's rounding points: the prologue (layers.linear_prologue, one bf16
     rounding), dtype(x * p), then x' @ W^T (+ residual) in float64."""
     from kiln.runtime.layers import linear_prologue
@@ -85,7 +101,7 @@ def test_small_matches_float64(m: int, fusion: str) -> None:
     n, k = 384, 256
     method, _, w, p = _triton_int4(n, k, 32 if fusion == "prequant" else 128, zero=fusion != "prequant",
                                    prequant=fusion == "prequant", seed=m)
-    assert method.tinygemm is not None
+    _on_route(method, route)
     gen = torch.Generator(device="cuda").manual_seed(m)
     x = torch.randn(m, 2 * k if fusion == "silu_mul" else k, device="cuda", generator=gen).to(torch.bfloat16)
     norm_w = (1 + 0.3 * torch.randn(k, device="cuda", generator=gen)).to(torch.bfloat16)
@@ -102,33 +118,39 @@ def test_small_matches_float64(m: int, fusion: str) -> None:
     _close(got, want)
 
 
-@pytest.mark.parametrize("m", [1, 2, 8, 16, 33, 200])
-def test_apply_matches_float64(m: int) -> None:
-    """``apply`` on each route: gemv_int4, tinygemm (16), dequantize + cuBLAS (33, 200)."""
-    method, _, w, _ = _triton_int4(200, 512, 64, zero=True, prequant=False, seed=10 + m)
-    assert method.tinygemm is not None
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 9, 16, 17, 32, 33, 200])
+def test_apply_matches_float64(m: int, route: str) -> None:
+    """``apply`` on each route: the tensor-core kernel (1-32 rows: one to four B tiles) or tinygemm
+    (1-31), dequantize + cuBLAS above."""
+    method, _, w, _ = _triton_int4(208, 512, 64, zero=True, prequant=False, seed=10 + m)
+    _on_route(method, route)
     x = torch.randn(m, 512, device="cuda").to(torch.bfloat16)
     _close(method.apply(x), x.double() @ w.T)
 
 
-def test_tinygemm_concat_is_the_layout_of_the_joined_weight() -> None:
-    """Gate and up joined: tinygemm's tiles of 8 outputs are its outer dimension, so the parts'
-    packed weights concatenate into exactly the joined weight's."""
+def test_concat_is_the_layout_of_the_joined_weight(route: str) -> None:
+    """Gate and up joined: tinygemm's tiles of 8 outputs and the tensor-core kernel's tiles of 16
+    are their layouts' outer dimension, so the parts' packed weights concatenate into exactly the
+    joined weight's."""
     from kiln.runtime.quant.int4 import Int4Linear
 
     a, ta, _, _ = _triton_int4(64, 256, 128, zero=True, prequant=False, seed=20, name="a")
-    b, tb, _, _ = _triton_int4(40, 256, 128, zero=True, prequant=False, seed=21, name="b")
+    b, tb, _, _ = _triton_int4(48, 256, 128, zero=True, prequant=False, seed=21, name="b")
     joined = {f"j.{key}": torch.cat([ta[f"a.{key}"], tb[f"b.{key}"]], dim=0 if key == "weight" else 1)
               for key in ("weight", "weights_scaling_factor", "zero")}
     whole = Int4Linear.load(a.ctx, joined.get, "j")
     fused = Int4Linear.concat([a, b])
-    assert torch.equal(fused.tinygemm.packed, whole.tinygemm.packed)
-    assert torch.equal(fused.tinygemm.scales_and_zeros, whole.tinygemm.scales_and_zeros)
+    _on_route(fused, route)
+    if route == "mma":
+        assert all(torch.equal(f, w) for f, w in zip(fused.mma, whole.mma))
+    else:
+        assert torch.equal(fused.tinygemm.packed, whole.tinygemm.packed)
+        assert torch.equal(fused.tinygemm.scales_and_zeros, whole.tinygemm.scales_and_zeros)
     assert torch.equal(fused.weight, whole.weight)
 
 
 @pytest.mark.parametrize("m", [2, 16])
-def test_small_captures_in_a_cuda_graph(m: int) -> None:
+def test_small_captures_in_a_cuda_graph(m: int, route: str) -> None:
     method, _, w, _ = _triton_int4(256, 256, 128, zero=True, prequant=False, seed=30)
     norm_w = torch.ones(256, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(m, 256, device="cuda").to(torch.bfloat16)
@@ -158,11 +180,11 @@ def bf16_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
 LOGPROB_SHIFT = 0.05  # bf16 engines: rounding of activations differs between paths, not the weights
 
 
-def test_int4_bf16_engine_on_tinygemm_matches_the_reference_path(bf16_engine: Path) -> None:
-    """The bf16 engine on CUDA on the Triton kernel set (graphs and eager; every linear also
-    holds a tinygemm weight) against the same engine on the torch reference ops (CUDA, eager)
-    and on the CPU (fp32): prompt logprobs (prefills of 3..1100 rows: tinygemm, dequantize +
-    cuBLAS) and the top
+def test_int4_bf16_engine_matches_the_reference_path(bf16_engine: Path, route: str) -> None:
+    """The bf16 engine on CUDA on the Triton kernel set (graphs and eager; every linear holds a
+    weight of the route: tensor-core kernel or tinygemm) against the same engine on the torch reference ops (CUDA, eager)
+    and on the CPU (fp32): prompt logprobs (prefills of 3..1100 rows: the route up to 31-32 rows,
+    dequantize + cuBLAS above) and the top
     logprobs of each generated token while the tokens before it agree (decode of 5 rows on
     ``apply``, then of 1 row on the fused small-batch path) are within LOGPROB_SHIFT; graphs
     and eager give the same first tokens."""
@@ -176,7 +198,11 @@ def test_int4_bf16_engine_on_tinygemm_matches_the_reference_path(bf16_engine: Pa
         with LLM(bf16_engine, max_model_len=2048, max_num_tokens=2048, **options) as llm:
             if name != "cpu":
                 linears = [lin.method for layer in llm.engine.runner.model.layers for lin in layer.linears]
-                assert all((lin.tinygemm is not None) == (name != "torch") for lin in linears)
+                for lin in linears:
+                    if name == "torch":
+                        assert lin.mma is None and lin.tinygemm is None
+                    else:
+                        _on_route(lin, route)
             batch = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
             alone = llm.generate([{"prompt_token_ids": prompts[2]}], params, use_tqdm=False)
             runs[name] = batch + alone
