@@ -1,12 +1,15 @@
-"""Decode-attention tile sweep at the 1000/1000 benchmark's shape (tuning aid, on a GPU).
+"""Decode-attention tile sweep at the 1000/1000 benchmark's shape (tuning aid, on a GPU); with
+--prefill, the prefill tiles at the 2048/128 benchmark's prefill (--seqs prompts of --q-len).
 
     python scripts/sweep_decode_attention.py [--batch 222] [--ctx-lo 1000] [--ctx-hi 2000] [--kv-dtype fp8]
+    python scripts/sweep_decode_attention.py --prefill [--seqs 16] [--q-len 2048] [--kv-dtype fp8]
 
 Llama-3.1-8B heads (32 q / 8 kv, head dim 128, bf16 queries, block size 32; the cache bf16 or
 FP8 with scales), one decode token per sequence with contexts drawn uniformly from
 [ctx-lo, ctx-hi]; every configuration is graph-timed over distinct input sets
 (scripts/check_kernels_gpu.py helpers), checked against the default configuration's output, and
-reported in GB/s of KV read. Fastest last.
+reported in GB/s of KV read (prefill: TFLOP/s of the causal products, next to torch's SDPA on
+the same unpaged shape). Fastest last.
 """
 
 from __future__ import annotations
@@ -31,7 +34,13 @@ def main() -> None:
     p.add_argument("--ctx-lo", type=int, default=1000)
     p.add_argument("--ctx-hi", type=int, default=2000)
     p.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16")
+    p.add_argument("--prefill", action="store_true", help="sweep the prefill tiles instead")
+    p.add_argument("--seqs", type=int, default=16)
+    p.add_argument("--q-len", type=int, default=2048)
     args = p.parse_args()
+    if args.prefill:
+        sweep_prefill(args.seqs, args.q_len, args.kv_dtype == "fp8")
+        return
     fp8 = args.kv_dtype == "fp8"
     rng = random.Random(0)
     ctx = [rng.randint(args.ctx_lo, args.ctx_hi) for _ in range(args.batch)]
@@ -69,6 +78,48 @@ def main() -> None:
         print(f"{what:44s} {ms:8.4f} ms {nbytes / (ms * 1e-3) / 1e9:8.0f} GB/s  max|diff| {err:.2e}")
     print(f"default: bn={base.decode_block_n} warps={base.decode_warps} stages={base.decode_stages}; "
           f"{args.kv_dtype} KV read per call {nbytes / 1e9:.2f} GB")
+
+
+def sweep_prefill(seqs: int, q_len: int, fp8: bool) -> None:
+    m = ck.LLAMA8B
+    sets = [ck.paged_batch([q_len] * seqs, [q_len] * seqs, m["hq"], m["hkv"], m["d"], m["bs"], m["dtype"])
+            for _ in range(2)]
+    scales = {"k_scale": 0.01, "v_scale": 0.01} if fp8 else {}
+    if fp8:
+        sets = [dict(b, k_cache=fp8_kv.quantize(b["k_cache"], 0.01), v_cache=fp8_kv.quantize(b["v_cache"], 0.01))
+                for b in sets]
+    base = default_config(128, torch.bfloat16, torch.float8_e4m3fn if fp8 else None)
+    flops = ck.prefill_flops(q_len, q_len, seqs)
+
+    def fns(cfg: AttentionConfig) -> list:
+        return [lambda b=b: paged_attention(**b, scale=0.088, max_query_len=q_len, max_seq_len=131072, config=cfg,
+                                            **scales) for b in sets]
+
+    reference = fns(base)[0]()
+    results = []
+    for bm in (64, 128):
+        for bn in (32, 64, 128):
+            for warps, stages in ((4, 2), (4, 3), (8, 2), (8, 3), (8, 4)):
+                cfg = AttentionConfig(**{**base.__dict__, "prefill_block_m": bm, "prefill_block_n": bn,
+                                         "prefill_warps": warps, "prefill_stages": stages})
+                try:
+                    calls = fns(cfg)
+                    err = (calls[0]() - reference).abs().max().item()
+                    ms = ck.graph_ms(calls)
+                except Exception as exc:  # a config that does not fit (shared memory) is skipped
+                    print(f"skip bm={bm} bn={bn} w={warps} s={stages}: {type(exc).__name__}")
+                    continue
+                results.append((ms, f"bm={bm} bn={bn} warps={warps} stages={stages}", err))
+    q = torch.randn(seqs, m["hq"], q_len, m["d"], device="cuda", dtype=m["dtype"])
+    k, v = (torch.randn(seqs, m["hkv"], q_len, m["d"], device="cuda", dtype=m["dtype"]) for _ in range(2))
+    sdpa = ck.graph_ms([lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                                  enable_gqa=True)])
+    results.sort(reverse=True)
+    for ms, what, err in results:
+        print(f"{what:40s} {ms:8.3f} ms {flops / (ms * 1e-3) / 1e12:6.0f} TFLOP/s  max|diff| {err:.2e}")
+    print(f"torch SDPA (unpaged, bf16) {sdpa:.3f} ms {flops / (sdpa * 1e-3) / 1e12:.0f} TFLOP/s")
+    print(f"default: bm={base.prefill_block_m} bn={base.prefill_block_n} warps={base.prefill_warps} "
+          f"stages={base.prefill_stages}; {'fp8' if fp8 else 'bf16'} cache, {seqs} x {q_len}")
 
 
 if __name__ == "__main__":
