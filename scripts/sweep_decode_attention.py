@@ -65,19 +65,25 @@ def main() -> None:
             for splits in (None, 2):
                 cfg = AttentionConfig(**{**base.__dict__, "decode_block_n": bn, "decode_warps": warps,
                                          "decode_stages": stages})
-                try:
-                    calls = fns(cfg, splits)
-                    err = (calls[0]() - reference).abs().max().item()
-                    ms = ck.graph_ms(calls)
-                except Exception as exc:  # a config that does not fit (shared memory) is skipped
-                    print(f"skip bn={bn} w={warps} s={stages} splits={splits}: {type(exc).__name__}")
-                    continue
-                results.append((ms, f"bn={bn} warps={warps} stages={stages} splits={splits or 1}", err))
+                _time(results, lambda c=cfg, n=splits: fns(c, n), reference,
+                      f"bn={bn} warps={warps} stages={stages} splits={splits or 1}")
     results.sort(reverse=True)
     for ms, what, err in results:
         print(f"{what:44s} {ms:8.4f} ms {nbytes / (ms * 1e-3) / 1e9:8.0f} GB/s  max|diff| {err:.2e}")
     print(f"default: bn={base.decode_block_n} warps={base.decode_warps} stages={base.decode_stages}; "
           f"{args.kv_dtype} KV read per call {nbytes / 1e9:.2f} GB")
+
+
+def _time(results: list, make_calls, reference: torch.Tensor, what: str) -> None:
+    """Append (graph ms, what, max |diff| against the default's output) for one configuration."""
+    try:
+        calls = make_calls()
+        err = (calls[0]() - reference).abs().max().item()
+        ms = ck.graph_ms(calls)
+    except Exception as exc:  # a config that does not fit (shared memory) is skipped
+        print(f"skip {what}: {type(exc).__name__}")
+        return
+    results.append((ms, what, err))
 
 
 def sweep_prefill(seqs: int, q_len: int, fp8: bool) -> None:
@@ -102,14 +108,7 @@ def sweep_prefill(seqs: int, q_len: int, fp8: bool) -> None:
             for warps, stages in ((4, 2), (4, 3), (8, 2), (8, 3), (8, 4)):
                 cfg = AttentionConfig(**{**base.__dict__, "prefill_block_m": bm, "prefill_block_n": bn,
                                          "prefill_warps": warps, "prefill_stages": stages})
-                try:
-                    calls = fns(cfg)
-                    err = (calls[0]() - reference).abs().max().item()
-                    ms = ck.graph_ms(calls)
-                except Exception as exc:  # a config that does not fit (shared memory) is skipped
-                    print(f"skip bm={bm} bn={bn} w={warps} s={stages}: {type(exc).__name__}")
-                    continue
-                results.append((ms, f"bm={bm} bn={bn} warps={warps} stages={stages}", err))
+                _time(results, lambda c=cfg: fns(c), reference, f"bm={bm} bn={bn} warps={warps} stages={stages}")
     q = torch.randn(seqs, m["hq"], q_len, m["d"], device="cuda", dtype=m["dtype"])
     k, v = (torch.randn(seqs, m["hkv"], q_len, m["d"], device="cuda", dtype=m["dtype"]) for _ in range(2))
     sdpa = ck.graph_ms([lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
