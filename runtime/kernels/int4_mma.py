@@ -59,8 +59,8 @@ MAX_ROWS = 32  # 4 B tiles of 8 rows
 MMA_UP_TO_ROWS = 32
 """``Int4Linear`` runs bf16/fp16 products of 1 to this many rows here (where ``supported``); bigger
 ones dequantize for cuBLAS. On an H200 (scripts/check_int4_mma_gpu.py, Llama-3.1-8B shapes, group
-128, 2026-12-01) this kernel beat tinygemm at every M of 1-16 (1.3-4.4x; qkv at one row 6.8 vs
-9.4 us) and dequantize + cuBLAS at 32 rows (qkv 16.5 vs 37.5 us, gate_up 50.7 vs 161.2)."""
+128, 2026-12-01) this kernel beat tinygemm at every M of 1-16 (1.3-4.5x; qkv at one row 6.9 vs
+9.5 us) and dequantize + cuBLAS at 32 rows (qkv 16.5 vs 37.5 us, gate_up 50.7 vs 161.2)."""
 MMA_GROUP_SIZES = (32, 64, 128, 256)
 _MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
 _ONES = {torch.bfloat16: 0x3F803F80, torch.float16: 0x3C003C00}
