@@ -25,12 +25,13 @@ with one mma of an all-ones A (shared by every output tile of the warp), and add
 to the output's fp32 accumulator: exactly x @ (q s + z)^T in fp32 up to summation order (the
 products are exact; the cancellation of the MAGIC terms costs ~2^-24 * MAGIC/8 relative).
 
-Inputs are reordered inside each mma (any order works when A and B agree): mma step t of a
-64-input block covers inputs 16t .. 16t+15, and the thread with lane%4 == c holds inputs
-16t+4c .. 16t+4c+3, so its B registers are one 8-byte load of x. Layout (``repack``):
+Inputs are reordered inside each mma (any order works when A and B agree): in mma step t of a
+64-input block the thread with lane%4 == c holds inputs p .. p+3, p = 32 (t >> 1) + 8 c + 4 (t & 1),
+so steps 2s and 2s+1 take a 16-byte run of x: one load serves a thread's B registers of two
+steps. Layout (``repack``):
 
-    words int32 [N/16, K/64, 32 lanes, 4 steps]: for lane = 4 r + c (r = 0..7) and step t,
-    p = 64 b + 16 t + 4 c, rows n0 = 16 T + r and n1 = n0 + 8, nibble positions
+    words int32 [N/16, K/64, 32 lanes, 4 steps]: for lane = 4 r + c (r = 0..7) and step t of block
+    b, p = 64 b + 32 (t >> 1) + 8 c + 4 (t & 1), rows n0 = 16 T + r and n1 = n0 + 8, nibble positions
         0: u[n0, p]  4: u[n0, p+1]  1: u[n1, p]  5: u[n1, p+1]
         2: u[n0, p+2] 6: u[n0, p+3] 3: u[n1, p+2] 7: u[n1, p+3]
     (PTX's m16n8k16 A fragment: a0,a1 = A[r, 2c..2c+1], a2,a3 = A[r+8, ..], a4..a7 = the same at
@@ -40,8 +41,8 @@ A warp reads its tile's 64-input block as one coalesced 512-byte row (16 bytes a
 packs the group's scale (low half) and zero (high half) of each output in one int32 [K/g, N].
 
 Grid: one CTA per ``NT`` 16-output tiles; its ``WARPS`` warps split K by groups (units of
-max(g, 64) inputs round robin) and meet in shared memory at the end; the weights of a warp's
-next unit are loaded while it computes the current one. Output = dtype(acc) (+ residual, added
+max(g, 64) inputs round robin) and meet in shared memory at the end; a unit's weights, packed
+(scale, zero) pairs and x are loaded ``depth - 1`` units ahead, into registers. Output = dtype(acc) (+ residual, added
 in fp32 and rounded once: ``fused_linear_int4``'s rounding points).
 """
 
