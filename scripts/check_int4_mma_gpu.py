@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gemv_gpu import graph_ms, rel_err  # noqa: E402  (shared timing helpers)
+from check_int4_gpu import copies_for  # noqa: E402  (weight copies that leave the L2)
 
 from kiln.engine_builder.int4 import pack_int4  # noqa: E402
 from kiln.runtime.kernels import int4 as tk  # noqa: E402
@@ -95,10 +96,6 @@ def correctness(results: dict) -> list[str]:
     results["correctness"] = rows
     print("  " + ("FAIL: " + "; ".join(bad[:6]) if bad else "all cases within tolerance"))
     return bad
-
-
-def copies_for(nbytes: int) -> int:
-    return max(4, min(64, (400 << 20) // max(1, nbytes)))
 
 
 def per_shape(results: dict, quick: bool) -> list[str]:

@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.engine_builder.int4 import unpack_int4
 from kiln.engine_builder.options import INT4_GROUP_SIZES
 
 from ._common import SUPPORTED_DTYPES, KernelInputError, check, check_dtype, next_pow2
@@ -127,8 +128,7 @@ def repack(packed: torch.Tensor, group_size: int) -> torch.Tensor:
     complement) -> the kernels' (int32 [K/8, N], see the module docstring), on packed's device."""
     n, half_k = packed.shape
     k = half_k * 2
-    b = packed.view(torch.uint8).to(torch.int32)
-    u = torch.stack((b & 0xF, b >> 4), dim=-1).reshape(n, k) ^ 8  # q + 8 in [0, 15]
+    u = unpack_int4(packed).to(torch.int32) + 8  # u = q + 8 in [0, 15], [N, K]
     u = u.reshape(n, k // group_size, 8, group_size // 8)  # [n, group, nibble i, word w]
     shifts = (torch.arange(8, device=packed.device, dtype=torch.int32) * 4).view(1, 1, 8, 1)
     words = (u << shifts).sum(dim=2, dtype=torch.int64)  # disjoint bits: the sum is the or

@@ -54,6 +54,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kiln.engine_builder.int4 import unpack_int4
+
 logger = logging.getLogger(__name__)
 
 MAX_ROWS = 32  # 4 B tiles of 8 rows
@@ -254,8 +256,9 @@ def row_tiles(m: int) -> int:
 
 def source(dtype: torch.dtype, mt: int, config: MmaConfig, group: int) -> str:
     magic_bits, magic = _MAGIC[dtype]
-    subs = {"WARPS": config.warps, "MT": mt, "NT": config.nt, "DEPTH": config.depth, "GROUP": group, "MAGIC2": f"0x{magic_bits:04X}{magic_bits:04X}",
-            "AB": "bf16" if dtype == torch.bfloat16 else "f16", "TOF": _TOF[dtype],
+    subs = {"WARPS": config.warps, "MT": mt, "NT": config.nt, "DEPTH": config.depth, "GROUP": group,
+            "MAGIC2": f"0x{magic_bits:04X}{magic_bits:04X}", "AB": "bf16" if dtype == torch.bfloat16 else "f16",
+            "TOF": _TOF[dtype],
             "ONES": f"0x{_ONES[dtype]:08X}u", "OFFSET": f"{magic + 8:.1f}"}
     src = _SOURCE
     for key, value in subs.items():
@@ -299,8 +302,7 @@ def repack(packed: torch.Tensor) -> torch.Tensor:
     complement) -> this kernel's words, int32 [N/16, K/64, 32, 4] (module docstring)."""
     n, half_k = packed.shape
     k = half_k * 2
-    b = packed.view(torch.uint8).to(torch.int64)
-    u = torch.stack((b & 0xF, b >> 4), dim=-1).reshape(n, k) ^ 8  # q + 8 in [0, 15]
+    u = unpack_int4(packed).to(torch.int64) + 8  # u = q + 8 in [0, 15], [N, K]
     # [tile, h (row n0 / n1), r, block, t1, c, t0, e]: input 64 block + 32 t1 + 8 c + 4 t0 + e
     u = u.reshape(n // 16, 2, 8, k // 64, 2, 4, 2, 4)
     h = torch.arange(2, device=u.device).view(1, 2, 1, 1, 1, 1, 1, 1)
@@ -372,10 +374,6 @@ def w4a16_mma(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, group: int
     return out
 
 
-def _m_class(m: int) -> int:
-    return 8 if m <= 8 else 16 if m <= 16 else 32
-
-
 C = MmaConfig
 TUNED: dict[tuple[int, int, int], MmaConfig] = {
     # (N, K, M class) -> fastest launch shape on an H200 (scripts/check_int4_mma_gpu.py, group 128,
@@ -391,7 +389,7 @@ def pick_config(n: int, k: int, m: int) -> MmaConfig:
     """The tuned launch shape, else the tuned table's pattern: up to 8 rows, wide outputs take two
     tiles a CTA and 4 warps, long inputs 3 stages; more rows take 2 tiles (4 when very wide) and
     fewer stages (registers)."""
-    mc = _m_class(m)
+    mc = 8 * row_tiles(m)  # the row class: 8, 16 or 32
     tuned = TUNED.get((n, k, mc))
     if tuned is not None:
         return tuned

@@ -22,11 +22,10 @@ way such a linear keeps two layouts on the GPU: 1 byte per weight instead of 0.5
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import os
 
 import torch
 import torch.nn.functional as F
@@ -220,7 +219,7 @@ class Int4Linear(LinearMethod):
         if self.mma is not None and 0 < rows <= self.int4.mma_max_rows:
             return self._unfused_small(x, self._mma, **fused)
         if self.tinygemm is not None and self._tinygemm_rows(rows):
-            return self._unfused_small(x, lambda v, residual=None: self._add(self.tinygemm(v), residual), **fused)
+            return self._unfused_small(x, self._tinygemm_product, **fused)
         return self.int4.small(x, self.weight, self.scales, self.zeros, self.group_size, prequant=self.prequant, **fused)
 
     def _mma(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -230,8 +229,10 @@ class Int4Linear(LinearMethod):
         assert self.mma is not None
         return w4a16_mma(x, self.mma[0], self.mma[1], self.group_size, residual=residual)
 
-    @staticmethod
-    def _add(y: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    def _tinygemm_product(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """tinygemm, then the residual add (a bf16 add rounds once)."""
+        assert self.tinygemm is not None
+        y = self.tinygemm(x)
         return y if residual is None else y.add_(residual)
 
     def _unfused_small(self, x: torch.Tensor, product: Callable[..., torch.Tensor], *,
