@@ -7,13 +7,14 @@ the 32-layer batch-1 chain.
       bf16 and fp16, groups 32/64/128/256 with and without zero points, M = 1..32 (odd sizes
       included), residual fused; outputs poisoned with NaN;
   (b) per Llama-3.1-8B shape (group 128, zero points), M = 1, 2, 4, 8, 16, 32: us per call and GB/s
-      of the bytes read (packed weights + scales + zeros) for each launch shape, tinygemm, the
+      of the bytes read (packed weights + scales + zeros) for each launch shape (weights staged in
+      registers or streamed through a shared-memory ring), tinygemm, the
       Triton GEMV (M <= 2) and dequantize + cuBLAS (M >= 16); graph-timed over enough weight
       copies to leave the 50 MB L2;
   (c) 32 layers (distinct weights: qkv, o, gate_up, down) at M = 1 and 8 in one graph, products
       only (no norms or attention), mma vs tinygemm: ms per step.
 
-    PYTHONUNBUFFERED=1 python3 scripts/check_int4_mma_gpu.py [--quick]          (< 5 min)
+    PYTHONUNBUFFERED=1 python3 scripts/check_int4_mma_gpu.py [--quick | --ms 1,8,16,32]   (< 5 min)
 Logs: $OUT/check_int4_mma_gpu.json when OUT is set. The last lines are a short table.
 """
 
@@ -42,10 +43,16 @@ from kiln.runtime.quant.tinygemm import TinygemmWeight  # noqa: E402
 DEV, GROUP = "cuda", 128
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 MS = (1, 2, 4, 8, 16, 32)
-SMALL = [MmaConfig(1, 8, 2), MmaConfig(1, 8, 3), MmaConfig(1, 16, 2), MmaConfig(1, 16, 3), MmaConfig(1, 4, 3),
-         MmaConfig(1, 4, 2), MmaConfig(2, 8, 2), MmaConfig(2, 4, 2)]
-BIG = [MmaConfig(2, 8, 2), MmaConfig(1, 8, 2), MmaConfig(2, 4, 2), MmaConfig(2, 8, 1), MmaConfig(4, 4, 1),
-       MmaConfig(2, 4, 1), MmaConfig(1, 8, 1), MmaConfig(1, 16, 1)]
+C = MmaConfig
+SMALL = [C(1, 8, 2), C(1, 8, 3), C(1, 16, 2), C(1, 16, 3), C(1, 4, 3), C(1, 4, 2), C(2, 8, 2), C(2, 4, 2),
+         C(1, 8, 2, 4), C(1, 8, 1, 4), C(1, 8, 2, 6), C(1, 8, 1, 8), C(1, 4, 2, 6), C(1, 4, 1, 8), C(2, 4, 1, 4),
+         C(2, 4, 2, 6), C(1, 16, 1, 4), C(2, 8, 1, 3)]
+BIG = [C(2, 8, 2), C(1, 8, 2), C(2, 4, 2), C(2, 8, 1), C(4, 4, 1), C(2, 4, 1), C(1, 8, 1), C(1, 16, 1),
+       C(2, 8, 1, 3), C(2, 4, 1, 4), C(4, 4, 1, 3), C(2, 8, 1, 4), C(1, 8, 1, 6), C(2, 4, 1, 6)]
+
+
+def label(cfg: MmaConfig) -> str:
+    return f"nt{cfg.nt}w{cfg.warps}d{cfg.depth}" + (f"s{cfg.stages}" if cfg.stages else "")
 
 
 def configs_for(m: int) -> list[MmaConfig]:
@@ -82,7 +89,8 @@ def correctness(results: dict) -> list[str]:
         for m in (1, 2, 3, 5, 8, 9, 16, 17, 31, 32):
             x = torch.randn(m, k, device=DEV).to(dtype)
             res = torch.randn(m, n, device=DEV).to(dtype) if m % 2 else None
-            for cfg in (None, MmaConfig(2, 4, 1), MmaConfig(1, 16, 3)) if n % 32 == 0 else (None,):
+            for cfg in ((None, C(2, 4, 1), C(1, 16, 3), C(2, 4, 1, 3), C(2, 4, 1, 4), C(4, 4, 1, 3))
+                        if n % 64 == 0 else (None, C(1, 8, 2, 4))):
                 got = w.mma(x, res, cfg)
                 want = fused_linear_int4(x, w.packed, w.scales, w.zeros, g, residual=res)
                 err = rel_err(got, want) if bool(torch.isfinite(got).all()) else float("nan")
@@ -98,23 +106,26 @@ def correctness(results: dict) -> list[str]:
     return bad
 
 
-def per_shape(results: dict, quick: bool) -> list[str]:
+def per_shape(results: dict, ms: tuple[int, ...]) -> list[str]:
     table = ["shape    M  best mma us (cfg, GB/s) | default us | tinygemm us | triton gemv us | deq+cuBLAS us"]
     print("(b) per shape, bf16, group 128, zero points")
     for name, (n, k) in SHAPES.items():
         ws = [W(n, k) for _ in range(copies_for(n * k // 2))]
         tiny = [TinygemmWeight.from_engine(w.packed, w.scales, w.zeros, GROUP) for w in ws]
         kern = [tk.repack(w.packed, GROUP) for w in ws]
-        for m in MS if not quick else (1, 8):
+        for m in ms:
             x = torch.randn(m, k, device=DEV).to(torch.bfloat16)
             times = {}
             for cfg in configs_for(m):
                 if n % (16 * cfg.nt):
                     continue
-                times[f"nt{cfg.nt}w{cfg.warps}d{cfg.depth}"] = graph_ms(lambda c=cfg: [w.mma(x, config=c) for w in ws], len(ws))[0]
+                try:
+                    times[label(cfg)] = graph_ms(lambda c=cfg: [w.mma(x, config=c) for w in ws], len(ws))[0]
+                except RuntimeError as exc:  # e.g. more shared memory than the device (or torch) allows
+                    print(f"  {label(cfg)}: {str(exc).splitlines()[0][:120]}")
             best = min(times, key=times.get)
-            default = pick_config(n, k, m)
-            t_def = times.get(f"nt{default.nt}w{default.warps}d{default.depth}", float("nan"))
+            default = pick_config(n, k, m, GROUP)
+            t_def = times.get(label(default), float("nan"))
             t_tg = graph_ms(lambda: [t(x) for t in tiny], len(ws))[0] if m < 32 else float("nan")
             t_gv = (graph_ms(lambda: [tk.gemv_int4(x, kw, w.scales, w.zeros, GROUP) for kw, w in zip(kern, ws)],
                              len(ws))[0] if m <= 2 else float("nan"))
@@ -153,12 +164,14 @@ def chain(results: dict) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="M = 1 and 8 only in (b)")
+    ap.add_argument("--ms", default="", help="rows to time in (b), e.g. 1,8,16,32 (default: all of MS)")
     args = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.time()
     results: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     bad = correctness(results)
-    table = per_shape(results, args.quick)
+    ms = tuple(int(v) for v in args.ms.split(",")) if args.ms else (1, 8) if args.quick else MS
+    table = per_shape(results, ms)
     table += chain(results)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "check_int4_mma_gpu.json").write_text(json.dumps(results, indent=1))

@@ -2,14 +2,15 @@
 --prefill, the prefill tiles at the 2048/128 benchmark's prefill (--seqs prompts of --q-len).
 
     python scripts/sweep_decode_attention.py [--batch 222] [--ctx-lo 1000] [--ctx-hi 2000] [--kv-dtype fp8]
-    python scripts/sweep_decode_attention.py --prefill [--seqs 16] [--q-len 2048] [--kv-dtype fp8]
+    python scripts/sweep_decode_attention.py --prefill [--seqs 16] [--q-len 2048] [--kv-dtype fp8] [--backends]
 
 Llama-3.1-8B heads (32 q / 8 kv, head dim 128, bf16 queries, block size 32; the cache bf16 or
 FP8 with scales), one decode token per sequence with contexts drawn uniformly from
 [ctx-lo, ctx-hi]; every configuration is graph-timed over distinct input sets
 (scripts/check_kernels_gpu.py helpers), checked against the default configuration's output, and
 reported in GB/s of KV read (prefill: TFLOP/s of the causal products, next to torch's SDPA on
-the same unpaged shape). Fastest last.
+the same unpaged shape: its default choice, then each backend forced, and FlashAttention-2's
+variable-length entry; ``--backends`` times only the default tiles against those). Fastest last.
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ def main() -> None:
     p.add_argument("--prefill", action="store_true", help="sweep the prefill tiles instead")
     p.add_argument("--seqs", type=int, default=16)
     p.add_argument("--q-len", type=int, default=2048)
+    p.add_argument("--backends", action="store_true",
+                   help="with --prefill: the default tiles against torch's attention backends only (no sweep)")
     args = p.parse_args()
     if args.prefill:
-        sweep_prefill(args.seqs, args.q_len, args.kv_dtype == "fp8")
+        sweep_prefill(args.seqs, args.q_len, args.kv_dtype == "fp8", args.backends)
         return
     fp8 = args.kv_dtype == "fp8"
     rng = random.Random(0)
@@ -86,7 +89,7 @@ def _time(results: list, make_calls, reference: torch.Tensor, what: str) -> None
     results.append((ms, what, err))
 
 
-def sweep_prefill(seqs: int, q_len: int, fp8: bool) -> None:
+def sweep_prefill(seqs: int, q_len: int, fp8: bool, backends_only: bool = False) -> None:
     m = ck.LLAMA8B
     sets = [ck.paged_batch([q_len] * seqs, [q_len] * seqs, m["hq"], m["hkv"], m["d"], m["bs"], m["dtype"])
             for _ in range(2)]
@@ -103,7 +106,8 @@ def sweep_prefill(seqs: int, q_len: int, fp8: bool) -> None:
 
     reference = fns(base)[0]()
     results = []
-    for bm in (64, 128):
+    _time(results, lambda: fns(base), reference, "default tiles")
+    for bm in (64, 128) if not backends_only else ():
         for bn in (32, 64, 128):
             for warps, stages in ((4, 2), (4, 3), (8, 2), (8, 3), (8, 4)):
                 cfg = AttentionConfig(**{**base.__dict__, "prefill_block_m": bm, "prefill_block_n": bn,
@@ -117,8 +121,30 @@ def sweep_prefill(seqs: int, q_len: int, fp8: bool) -> None:
     for ms, what, err in results:
         print(f"{what:40s} {ms:8.3f} ms {flops / (ms * 1e-3) / 1e12:6.0f} TFLOP/s  max|diff| {err:.2e}")
     print(f"torch SDPA (unpaged, bf16) {sdpa:.3f} ms {flops / (sdpa * 1e-3) / 1e12:.0f} TFLOP/s")
+    _torch_backends(q, k, v, flops)
     print(f"default: bm={base.prefill_block_m} bn={base.prefill_block_n} warps={base.prefill_warps} "
           f"stages={base.prefill_stages}; {'fp8' if fp8 else 'bf16'} cache, {seqs} x {q_len}")
+
+
+def _torch_backends(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flops: float) -> None:
+    """torch's attention kernels on the same unpaged shape: SDPA per backend, and FlashAttention-2's
+    variable-length entry (what a prefill of fresh chunks of different lengths would call)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    seqs, hq, q_len, d = q.shape
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        try:
+            with sdpa_kernel(backend):
+                ms = ck.graph_ms([lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                                            enable_gqa=True)])
+            print(f"torch SDPA {backend.name:24s} {ms:.3f} ms {flops / (ms * 1e-3) / 1e12:.0f} TFLOP/s")
+        except RuntimeError as exc:
+            print(f"torch SDPA {backend.name:24s} unavailable: {str(exc).splitlines()[0][:100]}")
+    qf, kf, vf = (t.transpose(1, 2).reshape(seqs * q_len, t.shape[1], d).contiguous() for t in (q, k, v))
+    qsl = torch.arange(0, seqs * q_len + 1, q_len, device=q.device, dtype=torch.int32)
+    ms = ck.graph_ms([lambda: torch.ops.aten._flash_attention_forward(qf, kf, vf, qsl, qsl, q_len, q_len, 0.0, True,
+                                                                        False, scale=0.088)[0]])
+    print(f"FlashAttention-2 varlen             {ms:.3f} ms {flops / (ms * 1e-3) / 1e12:.0f} TFLOP/s")
 
 
 if __name__ == "__main__":

@@ -103,3 +103,21 @@ def test_unknown_small_route_is_one_line_error(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv(MMA_ENV, "marlin")
     with pytest.raises(ValueError, match="KILN_INT4_SMALL"):
         select_int4_ops(Ops())
+
+
+def test_weight_ring_launch_shapes() -> None:
+    """The shared-memory ring: its size, its source switch, and the tuned ring shapes (measured at
+    group 128) kept only for group 128; other groups get the same shape on registers."""
+    from kiln.runtime.kernels.int4_mma import TUNED, pick_config
+
+    ring = MmaConfig(4, 4, 1, 3)
+    assert ring.ring_bytes(128) == 4 * 3 * 4 * 2 * 512 and ring.ring_bytes(32) == ring.ring_bytes(64) == 4 * 3 * 4 * 512
+    assert MmaConfig(1, 8, 2).ring_bytes(128) == 0
+    src = source(torch.bfloat16, 4, ring, 128)
+    assert "#define STAGES 3" in src and "@" not in src and "cp.async.cg.shared.global" in src
+    assert "#define STAGES 0" in source(torch.bfloat16, 1, MmaConfig(1, 8, 2), 128)
+    ringed = {key: cfg for key, cfg in TUNED.items() if cfg.stages}
+    assert ringed and all(mc == 32 for _, _, mc in ringed)  # a win at 17-32 rows only
+    for (n, k, _), cfg in ringed.items():
+        assert pick_config(n, k, 32, 128) == cfg
+        assert pick_config(n, k, 32, 64) == MmaConfig(cfg.nt, cfg.warps, cfg.depth)
