@@ -62,13 +62,17 @@ class _StepRecord:
     sampled: set[str]
     refs: dict[str, Request]
     drafts: dict[str, int]  # speculating requests it samples -> draft tokens they carry (maybe 0)
+    # request -> (its computed count once this step has run, its preemption count then): what
+    # update() may offer the prefix cache. The request's own count may already include a later
+    # step in flight (pipelined engine) whose KV is not there yet and may never be (a failure).
+    ends: dict[str, tuple[int, int]]
 
 
 class _StepPlan:
     """What one schedule() call has decided so far (mutable, lives for one call)."""
 
     __slots__ = ("budget", "num_tokens", "cached", "new_requests", "preempted", "sampled", "refs", "drafts",
-                 "spec_token_ids")
+                 "spec_token_ids", "ends")
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
@@ -80,6 +84,7 @@ class _StepPlan:
         self.refs: dict[str, Request] = {}
         self.drafts: dict[str, int] = {}
         self.spec_token_ids: dict[str, list[int]] = {}
+        self.ends: dict[str, tuple[int, int]] = {}
 
     def add(self, request: Request, num_new: int, drafts: list[int] | None = None, speculates: bool = False) -> None:
         """Schedule num_new tokens of the request (its ``drafts`` are the last of them): its
@@ -89,6 +94,7 @@ class _StepPlan:
         self.refs[rid] = request
         self.budget -= num_new
         request.num_computed_tokens += num_new
+        self.ends[rid] = (request.num_computed_tokens, request.num_preemptions)
         if request.num_computed_tokens >= request.num_tokens + request.num_pending_tokens:
             request.num_pending_tokens += 1
             self.sampled.add(rid)
@@ -103,6 +109,7 @@ class _StepPlan:
         rid = request.request_id
         self.budget += self.num_tokens.pop(rid)
         del self.refs[rid]
+        del self.ends[rid]
         self.cached.pop(rid, None)
         if rid in self.sampled:
             self.sampled.discard(rid)
@@ -284,7 +291,7 @@ class Scheduler:
             # Admissions took the batch past the limit: only requests carrying drafts still verify.
             plan.drafts = {rid: n for rid, n in plan.drafts.items() if n}
         step_id = next(self._step_ids)
-        self._steps[step_id] = _StepRecord(plan.sampled, plan.refs, plan.drafts)
+        self._steps[step_id] = _StepRecord(plan.sampled, plan.refs, plan.drafts, plan.ends)
         output = SchedulerOutput(
             new_requests=plan.new_requests,
             cached_requests=list(plan.cached.values()),
@@ -457,6 +464,7 @@ class Scheduler:
         expected = record.sampled
         refs = record.refs
         drafts = record.drafts
+        ends = record.ends
         cache_blocks = self.block_manager.cache_computed_blocks
         requests = self._requests
         any_finished = False
@@ -475,8 +483,10 @@ class Scheduler:
                 any_finished |= self._finish(request, RequestStatus.FINISHED_ERROR, None)
                 changed.append(request)
                 continue
-            if request.status is RUNNING:
-                cache_blocks(request)
+            end, preemptions = ends[rid]
+            if request.status is RUNNING and preemptions == request.num_preemptions:
+                # KV up to this step's end exists now (drafts it rejected rolled the count back)
+                cache_blocks(request, min(end, request.num_computed_tokens))
             if not sampled:
                 continue  # a partial prefill chunk
             any_finished |= self._append_outputs(request, sampled)
