@@ -51,7 +51,10 @@ class EngineConfig:
     engine_dir: str | Path
     device: str = "auto"
     max_num_tokens: int = 8192
-    max_batch_size: int = 256
+    # 512: on an H200 the FP8 Llama-3.1-8B 128/128 x 3,000 run gains 8% over 256 (24,441 -> 26,431
+    # output tok/s; 1024: 26,846, with 4x the CUDA-graph memory, and 1000/1000 slower than at 512);
+    # BENCHMARKS.md "Sixth H200 session". Graphs for 67 batch sizes, ~0.3 GiB for that model.
+    max_batch_size: int = 512
     block_size: int = 32
     kv_cache_fraction: float = 0.9
     num_kv_cache_tokens: int | None = None

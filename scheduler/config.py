@@ -32,7 +32,7 @@ class SchedulerConfig:
     num_blocks: int
     max_model_len: int
     max_num_tokens: int = 8192  # token budget of one step (all requests together)
-    max_batch_size: int = 256  # requests in one step
+    max_batch_size: int = 512  # requests in one step (EngineConfig's default: runtime/config.py)
     block_size: int = 32
     capacity_policy: str = GUARANTEED_NO_EVICT
     enable_prefix_caching: bool = True

@@ -82,7 +82,7 @@ def _make_parser() -> tuple[argparse.ArgumentParser, tuple[str, ...]]:
     e.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
     e.add_argument("--max-num-tokens", type=int, help="token budget per step, prompt chunks and decodes together (default 2048: "
                    "lower time to first token when many streams arrive at once; raise it for throughput)")
-    e.add_argument("--max-batch-size", type=int, help="max sequences per step (default 256)")
+    e.add_argument("--max-batch-size", type=int, help="max sequences per step (default 512)")
     e.add_argument("--block-size", type=int, help="tokens per KV block (default 32)")
     e.add_argument("--kv-cache-fraction", type=float, help="fraction of free GPU memory for the KV cache (default 0.9)")
     e.add_argument("--num-kv-cache-tokens", type=int, help="KV cache size in tokens (overrides the fraction)")
