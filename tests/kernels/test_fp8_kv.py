@@ -80,10 +80,14 @@ def test_rotary_and_write_kv_into_fp8(dtype, device, gen):
     assert rel_err(q, want_q) < TOL[dtype]
     after = _codes(kv).view(2, -1, kv_heads, head_dim)
     assert torch.equal(after[1, slots[keep]], _codes(fp8_kv.quantize(v.cpu()[keep], v_scale)))
-    # The rotated k is rounded (to the activation dtype, then to E4M3) from a float32 rotation whose
-    # last bit may differ from the float64 one (FMA on the GPU): a code may sit one step away.
-    got, exact = _ordered(after[0, slots[keep]]), _ordered(_codes(fp8_kv.quantize(want_k[keep].float(), k_scale)))
-    assert (got - exact).abs().max() <= 1 and (got != exact).float().mean() < 0.05
+    # The rotated k is rounded to the activation dtype, then to E4M3 (the reference rounds at the
+    # same two points), from a float32 rotation whose last bit may differ from the float64 one (FMA
+    # on the GPU): a code may sit one step away. Triton's CPU interpreter truncates float32 -> bf16
+    # instead of rounding to nearest, which moves ~3.5% of the codes (up to ~6% on some seeds).
+    exact_k = fp8_kv.quantize(want_k[keep].to(dtype).float(), k_scale)
+    got, exact = _ordered(after[0, slots[keep]]), _ordered(_codes(exact_k))
+    limit = 0.1 if device.type == "cpu" and dtype == torch.bfloat16 else 0.05
+    assert (got - exact).abs().max() <= 1 and (got != exact).float().mean() < limit
     untouched = torch.ones(after.shape[1], dtype=torch.bool)
     untouched[slots[keep]] = False
     assert torch.equal(after[:, untouched], before[:, untouched])
