@@ -161,16 +161,15 @@ class BlockManager:
             parent = hashes[i]
         return PrefixHit(tuple(block_ids), len(block_ids) * self.block_size, num_evictable)
 
-    def cache_computed_blocks(self, request: Request, num_computed: int | None = None) -> None:
+    def cache_computed_blocks(self, request: Request, num_computed: int) -> None:
         """Register the request's newly FULL, computed blocks so later requests can hit them:
-        those within its first ``num_computed`` tokens (default ``num_computed_tokens``), whose
-        KV a step that has come back wrote."""
+        those within its first ``num_computed`` tokens, whose KV a step that has come back wrote
+        (the caller says how many: ``num_computed_tokens`` may count a step still in flight)."""
         if not self.enable_prefix_caching:
             return
         rid = request.request_id
         # Only tokens whose ids are known: a pending token's KV may be computed already.
-        computed = request.num_computed_tokens if num_computed is None else num_computed
-        num_full = min(computed, request.num_tokens) // self.block_size
+        num_full = min(num_computed, request.num_tokens) // self.block_size
         done = self._req_num_cached.get(rid, 0)
         if num_full <= done:
             return  # the common decode step: nothing new filled up

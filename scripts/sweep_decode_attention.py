@@ -131,7 +131,7 @@ def _torch_backends(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flops: fl
     variable-length entry (what a prefill of fresh chunks of different lengths would call)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    seqs, hq, q_len, d = q.shape
+    seqs, _, q_len, d = q.shape
     for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
         try:
             with sdpa_kernel(backend):

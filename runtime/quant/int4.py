@@ -14,7 +14,7 @@ dequantizes W in fp32 and multiplies: exact up to summation order.
 Tensor cores (kernels/int4_mma.py, the default): with bf16/fp16 activations on sm >= 80, a
 linear with N % 16 == 0 and K % 64 == 0 runs products of 1-``Int4Ops.mma_max_rows`` rows on the
 NVRTC-compiled mma kernel (its layout made at load next to Kiln's; ``small`` runs the norm /
-SiLU kernel first and fuses the residual). ``MMA_ENV=tinygemm`` (or a failed compile) selects
+SiLU kernel first and fuses the residual). ``KILN_INT4_SMALL=tinygemm`` (or a failed compile) selects
 tinygemm instead (quant/tinygemm.py): then a linear whose shape tinygemm takes runs the products
 of more than ``gemv_up_to_rows`` and fewer than ``Int4Ops.tinygemm_below_rows`` rows on it. Either
 way such a linear keeps two layouts on the GPU: 1 byte per weight instead of 0.5 (half of bf16).

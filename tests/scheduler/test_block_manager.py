@@ -15,7 +15,7 @@ BS = 4
 def computed(bm: BlockManager, request, num_tokens: int | None = None) -> None:
     """Pretend the runner computed the request's KV up to num_tokens (default: all)."""
     request.num_computed_tokens = request.num_tokens if num_tokens is None else num_tokens
-    bm.cache_computed_blocks(request)
+    bm.cache_computed_blocks(request, request.num_computed_tokens)
 
 
 def admit(bm: BlockManager, request) -> PrefixHit:
@@ -241,7 +241,7 @@ def test_random_ops_keep_invariants_and_hits_are_exact(ops, num_blocks):
             blocks = bm.get_block_ids(req.request_id)
             for i in range(req.num_computed_tokens // 2):
                 content[blocks[i]] = tuple(req.all_token_ids[: (i + 1) * 2])
-            bm.cache_computed_blocks(req)
+            bm.cache_computed_blocks(req, req.num_computed_tokens)
             req.output_token_ids.append(index % 3)  # the sampled token, not computed yet
         elif kind == "free" and live:
             bm.free(live.pop(index % len(live)))
