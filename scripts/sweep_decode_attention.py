@@ -1,7 +1,7 @@
 """Decode-attention tile sweep at the 1000/1000 benchmark's shape (tuning aid, on a GPU); with
 --prefill, the prefill tiles at the 2048/128 benchmark's prefill (--seqs prompts of --q-len).
 
-    python scripts/sweep_decode_attention.py [--batch 222] [--ctx-lo 1000] [--ctx-hi 2000] [--kv-dtype fp8]
+    python scripts/sweep_decode_attention.py [--batch 222] [--ctx-lo 1000] [--ctx-hi 2000] [--kv-dtype fp8] [--mma-only]
     python scripts/sweep_decode_attention.py --prefill [--seqs 16] [--q-len 2048] [--kv-dtype fp8] [--backends]
 
 Llama-3.1-8B heads (32 q / 8 kv, head dim 128, bf16 queries, block size 32; the cache bf16 or
@@ -36,6 +36,8 @@ def main() -> None:
     p.add_argument("--ctx-hi", type=int, default=2000)
     p.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16")
     p.add_argument("--prefill", action="store_true", help="sweep the prefill tiles instead")
+    p.add_argument("--mma-only", action="store_true",
+                   help="FP8: only the tensor-core kernel's launch shapes, against the Triton default")
     p.add_argument("--seqs", type=int, default=16)
     p.add_argument("--q-len", type=int, default=2048)
     p.add_argument("--backends", action="store_true",
@@ -63,18 +65,30 @@ def main() -> None:
 
     reference = fns(base, None)[0]()
     results = []
-    for bn in (16, 32, 64, 128):
-        for warps, stages in ((2, 2), (2, 3), (4, 2), (4, 3), (4, 4), (8, 3), (8, 4)):
-            for splits in (None, 2):
-                cfg = AttentionConfig(**{**base.__dict__, "decode_block_n": bn, "decode_warps": warps,
-                                         "decode_stages": stages})
-                _time(results, lambda c=cfg, n=splits: fns(c, n), reference,
-                      f"bn={bn} warps={warps} stages={stages} splits={splits or 1}")
+    if fp8 and args.mma_only:
+        triton_shapes = [(64, 2, 2)]  # the Triton default, for comparison
+    else:
+        triton_shapes = [(bn, w, st) for bn in (16, 32, 64, 128)
+                         for w, st in ((2, 2), (2, 3), (4, 2), (4, 3), (4, 4), (8, 3), (8, 4))]
+    for bn, warps, stages in triton_shapes:
+        for splits in (None, 2):
+            cfg = AttentionConfig(**{**base.__dict__, "decode_block_n": bn, "decode_warps": warps,
+                                     "decode_stages": stages, "fp8_decode_mma": False})
+            _time(results, lambda c=cfg, n=splits: fns(c, n), reference,
+                  f"triton bn={bn} warps={warps} stages={stages} splits={splits or 1}")
+    if fp8:  # the tensor-core kernel (kernels/fp8_decode.py)
+        for warps in (2, 4, 8):
+            for depth in (1, 2, 3, 4):
+                for splits in (None, 2):
+                    cfg = AttentionConfig(**{**base.__dict__, "fp8_decode_warps": warps, "fp8_decode_depth": depth})
+                    _time(results, lambda c=cfg, n=splits: fns(c, n), reference,
+                          f"mma warps={warps} depth={depth} splits={splits or 1}")
     results.sort(reverse=True)
     for ms, what, err in results:
         print(f"{what:44s} {ms:8.4f} ms {nbytes / (ms * 1e-3) / 1e9:8.0f} GB/s  max|diff| {err:.2e}")
-    print(f"default: bn={base.decode_block_n} warps={base.decode_warps} stages={base.decode_stages}; "
-          f"{args.kv_dtype} KV read per call {nbytes / 1e9:.2f} GB")
+    print(f"default: triton bn={base.decode_block_n} warps={base.decode_warps} stages={base.decode_stages}"
+          f"{f'; mma warps={base.fp8_decode_warps} depth={base.fp8_decode_depth}' if fp8 else ''}; "
+          f"{args.kv_dtype} KV read per call {nbytes / 1e9:.2f} GB; max|diff| against the default")
 
 
 def _time(results: list, make_calls, reference: torch.Tensor, what: str) -> None:

@@ -60,6 +60,8 @@ import torch
 
 from kiln.engine_builder.int4 import unpack_int4
 
+from ._cuda import mma_m16n8k16
+
 logger = logging.getLogger(__name__)
 
 MAX_ROWS = 32  # 4 B tiles of 8 rows
@@ -94,13 +96,7 @@ __device__ __forceinline__ u32 dq(u32 q) {
   return r;
 }
 
-__device__ __forceinline__ void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.@AB@.@AB@.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-               "{%0,%1,%2,%3};"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
+@MMA@
 __device__ __forceinline__ float tof(u16 h) {
 @TOF@
 }
@@ -308,7 +304,7 @@ def source(dtype: torch.dtype, mt: int, config: MmaConfig, group: int) -> str:
     subs = {"WARPS": config.warps, "MT": mt, "NT": config.nt, "DEPTH": config.depth, "GROUP": group,
             "STAGES": config.stages,
             "MAGIC2": f"0x{magic_bits:04X}{magic_bits:04X}", "AB": "bf16" if dtype == torch.bfloat16 else "f16",
-            "TOF": _TOF[dtype],
+            "TOF": _TOF[dtype], "MMA": mma_m16n8k16("bf16" if dtype == torch.bfloat16 else "f16"),
             "ONES": f"0x{_ONES[dtype]:08X}u", "OFFSET": f"{magic + 8:.1f}"}
     src = _SOURCE
     for key, value in subs.items():

@@ -3,7 +3,9 @@
 A batch is served by at most three launches and no host synchronisation:
 * when max_query_len > 1, `prefill_kernel` over every sequence (sequences with q_len < 2 exit at once);
 * `decode_kernel` over every sequence (sequences with q_len != 1 exit at once), split along the
-  context when there are too few (sequence, KV head) programs to fill the GPU;
+  context when there are too few (sequence, KV head) programs to fill the GPU; over an FP8 cache,
+  where it applies, the tensor-core kernel of kernels/fp8_decode.py instead (same grid, same
+  split results; `AttentionConfig.fp8_decode_mma`);
 * `reduce_kernel`, only when the context was split.
 Which rows are decode rows is decided inside the kernels from query_start_loc, so the caller only
 passes the two maxima it already knows from its CPU plan. The cache is in q's dtype or FP8
@@ -19,6 +21,7 @@ import triton
 
 from ._common import (FP8_KV_DTYPE, SUPPORTED_DTYPES, KernelInputError, check, check_dtype, check_last_dim_contiguous,
                       device_sms, dot_precision, next_pow2, upcast_dots)
+from . import fp8_decode
 from .attention_kernels import decode_kernel, prefill_kernel, reduce_kernel
 
 LOG2E = 1.4426950408889634
@@ -41,6 +44,12 @@ class AttentionConfig:
     decode_stages: int = 2
     max_splits: int = 64
     min_tokens_per_split: int = 256
+    # FP8 cache: decode rows on kernels/fp8_decode.py where it runs, with this launch shape (H200,
+    # 512 sequences, scripts/sweep_decode_attention.py --mma-only: 2 warps / 2 tiles in registers
+    # was the best of 12 shapes at 128-256 tokens of context, 1.5% off the best at 1,000-2,000)
+    fp8_decode_mma: bool = True
+    fp8_decode_warps: int = 2
+    fp8_decode_depth: int = 2
 
 
 def default_config(head_dim: int, dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> AttentionConfig:
@@ -166,11 +175,26 @@ def _decode(q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, s
         part_lse = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused: the kernel writes the output directly
-    decode_kernel[(batch, kv_heads, splits)](
-        q, k_cache, v_cache, out, part_out, part_lse, block_tables, query_start_loc, seq_lens, *scales,
-        splits, *strides, GQA=gqa, G_PAD=max(16, next_pow2(gqa)), BLOCK_N=cfg.decode_block_n,
-        DIRECT_OUT=splits == 1, num_warps=cfg.decode_warps, num_stages=cfg.decode_stages, **common)
+    if _use_fp8_mma(q, k_cache, gqa, cfg):
+        fp8_decode.fp8_decode(q, k_cache, v_cache, out, part_out, part_lse, block_tables, query_start_loc, seq_lens,
+                              scales[0], scales[1], splits,
+                              fp8_decode.DecodeConfig(cfg.fp8_decode_warps, cfg.fp8_decode_depth))
+    else:
+        decode_kernel[(batch, kv_heads, splits)](
+            q, k_cache, v_cache, out, part_out, part_lse, block_tables, query_start_loc, seq_lens, *scales,
+            splits, *strides, GQA=gqa, G_PAD=max(16, next_pow2(gqa)), BLOCK_N=cfg.decode_block_n,
+            DIRECT_OUT=splits == 1, num_warps=cfg.decode_warps, num_stages=cfg.decode_stages, **common)
     if splits > 1:
         reduce_kernel[(batch, num_heads)](
             out, part_out, part_lse, query_start_loc, splits, out.stride(0), out.stride(1),
             HEAD_DIM=common["HEAD_DIM"], D_PAD=common["D_PAD"], S_PAD=next_pow2(splits), num_warps=4)
+
+
+def _use_fp8_mma(q: torch.Tensor, k_cache: torch.Tensor, gqa: int, cfg: AttentionConfig) -> bool:
+    """Decode rows over an FP8 cache go to the tensor-core kernel (kernels/fp8_decode.py) where it
+    runs: its shapes, an sm_89+ GPU, and NVRTC compiling it (checked once per shape)."""
+    if not (cfg.fp8_decode_mma and fp8_decode.supported(q, k_cache, gqa)):
+        return False
+    return fp8_decode.available(q.shape[2], gqa, k_cache.shape[1], q.dtype,
+                                fp8_decode.DecodeConfig(cfg.fp8_decode_warps, cfg.fp8_decode_depth),
+                                q.device.index or 0)
