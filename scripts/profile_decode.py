@@ -2,6 +2,8 @@
 
     python scripts/profile_decode.py ENGINE_DIR --batch 256 [--isl 128] [--eager] [--steps 50] [--trace]
     python scripts/profile_decode.py ENGINE_DIR --prefill --batch 16 --isl 1000   # kernels of prefill steps
+    python scripts/profile_decode.py ENGINE_DIR --gaps --batch 512 --isl 1500 --steps 100   # GPU idle time
+    python scripts/profile_decode.py ENGINE_DIR --gaps --mixed 1000 --isl 1000 --skip 40 --steps 20
 
 Wraps the scheduler and runner methods of one engine with timers, fills the batch with
 `--batch` requests, waits until all of them decode, then times `--steps` decode steps.
@@ -152,6 +154,101 @@ def trace_prefill(engine_dir: str, num_requests: int, isl: int) -> None:
     _print_kernels(prof)
 
 
+def gaps(engine_dir: str, batch: int, isl: int, steps: int, mixed: int, skip: int) -> None:
+    """Where the GPU sits idle: torch.profiler (CPU + CUDA) over ``steps`` engine steps, the union of
+    the device's kernels and copies against the window, the idle gaps by size, and for the largest
+    ones the kernels around them, how long after the gap began the next work was launched (a late
+    launch means the host starved the GPU) and the engine phase the host was in. Decode steps at
+    a fixed ``batch`` (as ``profile``), or with ``mixed`` requests of ``isl`` tokens added at once
+    (a bench-llm throughput run) and ``skip`` steps run before profiling."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, record_function
+    from torch.profiler import profile as torch_profile
+
+    engine = LLMEngine.from_engine_dir(engine_dir)
+    rng = np.random.default_rng(0)
+    if mixed:
+        _add_random_requests(engine, "m", mixed, isl, isl, rng)
+        for _ in range(skip):
+            engine.step()
+    else:
+        # long enough that the first requests still decode when the last one starts
+        _add_random_requests(engine, "g", batch, isl, steps + 64 + batch * isl // 4096, rng)
+        while sum(len(out.outputs[0].delta_token_ids) for out in engine.step()) < batch:
+            pass
+        for _ in range(3):
+            engine.step()
+
+    def annotate(obj: object, name: str) -> None:
+        fn = getattr(obj, name)
+
+        def wrapper(*args, **kwargs):
+            with record_function(f"kiln.{name}"):
+                return fn(*args, **kwargs)
+
+        setattr(obj, name, wrapper)
+
+    annotate(engine.scheduler, "schedule")
+    annotate(engine.scheduler, "update")
+    annotate(engine, "_launch")
+    annotate(engine, "_collect")
+    annotate(engine, "_process_all")
+    annotate(engine.runner.input_batch, "prepare")
+    collections: list[tuple[int, float]] = []  # (generation, ms) of each cyclic-GC pass
+    gc_start = [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            gc_start[0] = time.perf_counter()
+        else:
+            collections.append((info["generation"], 1000 * (time.perf_counter() - gc_start[0])))
+
+    torch.cuda.synchronize()
+    gc.callbacks.append(on_gc)
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    gc.callbacks.remove(on_gc)
+    events = prof.profiler.kineto_results.events()
+    # kernels, copies and memsets; not the device-side spans of the annotations below
+    device = sorted((e.start_ns(), e.end_ns(), e.name(), e.linked_correlation_id()) for e in events
+                    if e.device_type() == DeviceType.CUDA and e.end_ns() > e.start_ns()
+                    and not e.name().startswith("kiln."))
+    launches = {e.correlation_id(): e.start_ns() for e in events
+                if e.device_type() == DeviceType.CPU and e.correlation_id()}
+    phases = [(e.start_ns(), e.end_ns(), e.name()) for e in events
+              if e.device_type() == DeviceType.CPU and e.name().startswith("kiln.")]
+    holes, busy, end, last = [], 0, device[0][0], device[0]
+    for ev in device:
+        if ev[0] > end:
+            holes.append((ev[0] - end, end, last, ev))
+        if ev[1] > end:
+            busy += ev[1] - max(ev[0], end)
+            end, last = ev[1], ev
+    window = end - device[0][0]
+    idle = sum(h[0] for h in holes)
+    what = f"mixed {mixed} requests" if mixed else f"decode batch {batch}"
+    print(f"== {steps} steps ({what}, isl {isl}): window {window / 1e6:.2f} ms, device busy {busy / 1e6:.2f} ms, "
+          f"idle {idle / 1e6:.2f} ms ({100 * idle / window:.1f}%) in {len(holes)} gaps")
+    for lo, hi in ((0, 2e3), (2e3, 5e3), (5e3, 2e4), (2e4, 1e5), (1e5, 1e12)):
+        sel = [h[0] for h in holes if lo <= h[0] < hi]
+        print(f"   gaps {lo / 1e3:6.0f}-{min(hi, 1e9) / 1e3:<7.0f} us: {len(sel):6d}, {sum(sel) / 1e6:8.3f} ms")
+    for gen in range(3):
+        times = [ms for g, ms in collections if g == gen]
+        if times:
+            print(f"   python GC generation {gen}: {len(times)} passes, {sum(times):.1f} ms, "
+                  f"longest {max(times):.1f} ms")
+    print(f"   GC-tracked objects now: {len(gc.get_objects())} (and {gc.get_freeze_count()} frozen); "
+          f"thresholds {gc.get_threshold()}")
+    print("   largest gaps: us | before | after | next launched (us after the gap began) | host phase at gap start")
+    for size, start, before, after in sorted(holes, reverse=True)[:15]:
+        launched = launches.get(after[3])
+        late = f"{(launched - start) / 1e3:+8.1f}" if launched is not None else "       ?"
+        active = [p[2] for p in phases if p[0] <= start < p[1]]
+        print(f"   {size / 1e3:8.1f} | {before[2][:34]:34s} | {after[2][:34]:34s} | {late} | {'/'.join(active) or '-'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("engine")
@@ -162,8 +259,14 @@ def main() -> None:
     parser.add_argument("--trace", action="store_true", help="per-kernel CUDA times instead of host splits")
     parser.add_argument("--prefill", action="store_true",
                         help="per-kernel CUDA times of prefilling --batch prompts of --isl tokens")
+    parser.add_argument("--gaps", action="store_true", help="GPU idle time and what the host was doing (see gaps())")
+    parser.add_argument("--mixed", type=int, default=0, help="with --gaps: add this many requests at once instead")
+    parser.add_argument("--skip", type=int, default=40, help="with --gaps --mixed: steps run before profiling")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.gaps:
+        gaps(args.engine, args.batch, args.isl, args.steps, args.mixed, args.skip)
+        return
     if args.prefill:
         trace_prefill(args.engine, args.batch, args.isl)
         return

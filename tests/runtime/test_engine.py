@@ -216,3 +216,24 @@ def test_shutdown_releases_the_tensors_even_after_gc_freeze(tiny: TinyEngine) ->
             engine.add_request("b", [5, 6], greedy(2))
     finally:
         gc.unfreeze()
+
+
+def test_gc_configuration_freezes_and_takes_thresholds(monkeypatch) -> None:
+    """What a GPU engine does at the end of its start (CPU engines skip it): freeze everything alive
+    so full GC passes skip it, and take KILN_GC_THRESHOLD when set."""
+    from kiln.runtime import engine as engine_module
+
+    before = gc.get_threshold()
+    try:
+        gc.unfreeze()
+        monkeypatch.setenv("KILN_GC_THRESHOLD", "5000,15,12")
+        engine_module._configure_gc()
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (5000, 15, 12)
+        monkeypatch.delenv("KILN_GC_THRESHOLD")
+        gc.set_threshold(*before)
+        engine_module._configure_gc()
+        assert gc.get_threshold() == before  # Python's own thresholds unless asked
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
