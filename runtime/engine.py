@@ -413,7 +413,7 @@ def _configure_gc() -> None:
 
     Freezes what the engine holds for its lifetime: the scheduler's KV-block objects (tens of
     thousands) join the runner's modules, frozen after graph capture, so no full pass walks them
-    again. What full passes still walk is the requests' token lists (BENCHMARKS.md, seventh
+    again. What full passes still walk is the live requests' objects (BENCHMARKS.md, seventh
     session: passes of ~40-50 ms at 512 sequences on an H200 host). ``KILN_GC_THRESHOLD=a,b,c``
     sets ``gc.set_threshold`` (a tuning aid; the measured alternatives did not raise throughput)."""
     gc.collect()
