@@ -11,7 +11,9 @@ Correctness (fresh random inputs per case, outputs poisoned with NaN, TF32 off):
     (the float32 rotation may differ from torch's in its last bit), q as in check_kernels_gpu.
 Timing: decode attention, Llama-3.1-8B heads (32 q / 8 kv, head dim 128, bf16 queries, block
 size 32), batch 64/128/256 x context 1k-8k, FP8 cache vs bf16 cache, graph-timed over distinct
-input sets; GB/s count the bytes each call reads (FP8: 1 byte per K/V element).
+input sets; GB/s count the bytes each call reads (FP8: 1 byte per K/V element). The default
+configuration is timed, so FP8 decode is the tensor-core kernel (kernels/fp8_decode.py) where it
+applies; the correctness grid covers both it (fp16/bf16 queries) and the Triton kernel (fp32).
 
     PYTHONUNBUFFERED=1 python scripts/check_fp8_kv_gpu.py [--no-check] [--sweep] [--json PATH]
 
@@ -148,7 +150,8 @@ def timings(rows: list) -> None:
 
 
 def sweep(deadline: float) -> None:
-    """FP8 decode tile configurations at two shapes (tuning aid); fastest per shape last."""
+    """The Triton kernel's FP8 decode tiles at two shapes (tuning aid; the tensor-core kernel's
+    launch shapes: sweep_decode_attention.py --mma-only); fastest per shape last."""
     base = default_config(128, torch.bfloat16)
     results = []
     for batch, ctx in ((64, 4096), (256, 2048)):
@@ -157,7 +160,7 @@ def sweep(deadline: float) -> None:
                 if time.time() > deadline:
                     break
                 cfg = AttentionConfig(**{**base.__dict__, "decode_block_n": bn, "decode_warps": warps,
-                                         "decode_stages": stages})
+                                         "decode_stages": stages, "fp8_decode_mma": False})
                 try:
                     fns, nb = decode_fns(batch, ctx, True, cfg)
                     ms = ck.graph_ms(fns)
@@ -167,7 +170,7 @@ def sweep(deadline: float) -> None:
                 results.append((f"B={batch} ctx={ctx}", f"bn={bn} warps={warps} stages={stages}", ms, nb))
     best: dict = {}
     for shape, what, ms, nb in sorted(results, key=lambda r: -r[2]):
-        print(f"  sweep fp8 decode {shape:16s} {what:28s} {ms:8.4f} ms {nb / (ms * 1e-3) / 1e9:7.0f} GB/s")
+        print(f"  sweep fp8 decode (triton) {shape:16s} {what:28s} {ms:8.4f} ms {nb / (ms * 1e-3) / 1e9:7.0f} GB/s")
         best[shape] = (what, ms, nb)
     for shape, (what, ms, nb) in best.items():
         print(f"best fp8 decode {shape}: {what} {ms:.4f} ms {nb / (ms * 1e-3) / 1e9:.0f} GB/s "
