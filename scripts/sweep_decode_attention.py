@@ -10,7 +10,8 @@ FP8 with scales), one decode token per sequence with contexts drawn uniformly fr
 (scripts/check_kernels_gpu.py helpers), checked against the default configuration's output, and
 reported in GB/s of KV read (prefill: TFLOP/s of the causal products, next to torch's SDPA on
 the same unpaged shape: its default choice, then each backend forced, and FlashAttention-2's
-variable-length entry; ``--backends`` times only the default tiles against those). Fastest last.
+and cuDNN's variable-length entries; ``--backends`` times only the default tiles against
+those). Fastest last.
 """
 
 from __future__ import annotations
@@ -142,7 +143,8 @@ def sweep_prefill(seqs: int, q_len: int, fp8: bool, backends_only: bool = False)
 
 def _torch_backends(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flops: float) -> None:
     """torch's attention kernels on the same unpaged shape: SDPA per backend, and FlashAttention-2's
-    variable-length entry (what a prefill of fresh chunks of different lengths would call)."""
+    and cuDNN's variable-length entries (what a prefill of fresh chunks of different lengths would
+    call)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     seqs, _, q_len, d = q.shape
@@ -159,6 +161,30 @@ def _torch_backends(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flops: fl
     ms = ck.graph_ms([lambda: torch.ops.aten._flash_attention_forward(qf, kf, vf, qsl, qsl, q_len, q_len, 0.0, True,
                                                                         False, scale=0.088)[0]])
     print(f"FlashAttention-2 varlen             {ms:.3f} ms {flops / (ms * 1e-3) / 1e12:.0f} TFLOP/s")
+    _cudnn_varlen(qf, kf, vf, qsl, q_len, flops)
+
+
+def _cudnn_varlen(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, qsl: torch.Tensor, q_len: int,
+                  flops: float) -> None:
+    """cuDNN's variable-length entry (what fresh prefill chunks of different lengths could call),
+    checked against FlashAttention-2's output; K/V heads as they are, else repeated to q's heads."""
+    want = torch.ops.aten._flash_attention_forward(qf, kf, vf, qsl, qsl, q_len, q_len, 0.0, True, False,
+                                                   scale=0.088)[0]
+    group = qf.shape[1] // kf.shape[1]
+    for label, k, v in (("GQA", kf, vf), ("heads repeated", kf.repeat_interleave(group, 1).contiguous(),
+                                           vf.repeat_interleave(group, 1).contiguous())):
+        def call(k=k, v=v):
+            return torch.ops.aten._cudnn_attention_forward(qf, k, v, None, qsl, qsl, q_len, q_len, False, 0.0, True,
+                                                           False, scale=0.088)[0]
+        try:
+            err = (call().float() - want.float()).abs().max().item()
+            ms = ck.graph_ms([call])
+        except Exception as exc:  # noqa: BLE001 - report and try the next form
+            print(f"cuDNN varlen ({label}) unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
+            continue
+        print(f"cuDNN varlen ({label:14s})       {ms:.3f} ms {flops / (ms * 1e-3) / 1e12:.0f} TFLOP/s  "
+              f"max|diff| vs FA2 {err:.2e}")
+        return
 
 
 if __name__ == "__main__":
