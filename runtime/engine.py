@@ -19,8 +19,8 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
-import os
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any

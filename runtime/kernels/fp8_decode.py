@@ -289,7 +289,7 @@ class DecodeConfig:
     """Launch shape: ``warps`` warps a CTA (each takes every ``warps``-th 16-token tile), ``depth``
     tiles of K and V per warp in registers (loaded ``depth - 1`` ahead)."""
 
-    warps: int = 4
+    warps: int = 2  # AttentionConfig.fp8_decode_warps / _depth carry the engine's choice
     depth: int = 2
 
 

@@ -175,10 +175,10 @@ def _decode(q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, s
         part_lse = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused: the kernel writes the output directly
-    if _use_fp8_mma(q, k_cache, gqa, cfg):
+    mma = _fp8_mma_config(q, k_cache, gqa, cfg)
+    if mma is not None:
         fp8_decode.fp8_decode(q, k_cache, v_cache, out, part_out, part_lse, block_tables, query_start_loc, seq_lens,
-                              scales[0], scales[1], splits,
-                              fp8_decode.DecodeConfig(cfg.fp8_decode_warps, cfg.fp8_decode_depth))
+                              scales[0], scales[1], splits, mma)
     else:
         decode_kernel[(batch, kv_heads, splits)](
             q, k_cache, v_cache, out, part_out, part_lse, block_tables, query_start_loc, seq_lens, *scales,
@@ -190,11 +190,12 @@ def _decode(q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, s
             HEAD_DIM=common["HEAD_DIM"], D_PAD=common["D_PAD"], S_PAD=next_pow2(splits), num_warps=4)
 
 
-def _use_fp8_mma(q: torch.Tensor, k_cache: torch.Tensor, gqa: int, cfg: AttentionConfig) -> bool:
-    """Decode rows over an FP8 cache go to the tensor-core kernel (kernels/fp8_decode.py) where it
-    runs: its shapes, an sm_89+ GPU, and NVRTC compiling it (checked once per shape)."""
+def _fp8_mma_config(q: torch.Tensor, k_cache: torch.Tensor, gqa: int,
+                    cfg: AttentionConfig) -> fp8_decode.DecodeConfig | None:
+    """The launch shape when decode rows over an FP8 cache go to the tensor-core kernel
+    (kernels/fp8_decode.py): where it runs (its shapes, an sm_89+ GPU) and NVRTC compiles it
+    (checked once per shape); else None (the Triton kernel)."""
     if not (cfg.fp8_decode_mma and fp8_decode.supported(q, k_cache, gqa)):
-        return False
-    return fp8_decode.available(q.shape[2], gqa, k_cache.shape[1], q.dtype,
-                                fp8_decode.DecodeConfig(cfg.fp8_decode_warps, cfg.fp8_decode_depth),
-                                q.device.index or 0)
+        return None
+    mma = fp8_decode.DecodeConfig(cfg.fp8_decode_warps, cfg.fp8_decode_depth)
+    return mma if fp8_decode.available(q.shape[2], gqa, k_cache.shape[1], q.dtype, mma, q.device.index or 0) else None
