@@ -12,8 +12,11 @@ against the same engine on the CPU (the exact emulation). Prints a short table l
     quantized arithmetic; torch._scaled_mm (Fp8Linear.apply) against the emulated product.
 (c) timings: FP8 GEMV at 1 row vs the bf16 GEMV (us, GB/s of weights), _scaled_mm TFLOP/s;
     --sweep also tries GEMV tiles per shape and prints the best (paste into gemv.TUNED_FP8).
+(e) --gemm: only torch._scaled_mm with and without ``use_fast_accum`` (KILN_FP8_FAST_ACCUM) at
+    256-8,192 rows on the 8B and 70B shapes: TFLOP/s, and each one's error against float64 of the
+    same fp8 operands (norm-wise and the largest element over the output's RMS).
 (d) whole engine: random Llama-3.2-1B engines of the same weights (bf16, FP8 with a bf16 KV
-    cache, FP8 with FP8 KV; built here into /tmp unless --engine) generate greedy tokens on CUDA
+    cache, FP8 with FP8 KV; built here into /dev/shm (else /tmp) unless --engine) generate greedy tokens on CUDA
     (Triton kernels, CUDA graphs, fused GEMV layers at batch 1-2) and on the CPU (float32
     emulation of the same arithmetic), and on CUDA with the reference ops and emulated FP8
     products in bf16: the teacher-forced logprobs of the Triton run must sit close to the
@@ -154,6 +157,30 @@ def timings(rows: list, sweep: bool, results: dict) -> None:
         rows.append(("time _scaled_mm M=4096", name, t, f"{2 * 4096 * n * k / t / 1e6:.0f} TFLOP/s"))
 
 
+def gemm_accum(rows: list, ms: tuple[int, ...], shapes: str) -> None:
+    """_scaled_mm with fp32-promoted and fast accumulation: speed and error."""
+    for name, (n, k, _) in SHAPES.items():
+        if not name.startswith(tuple(shapes.split(","))):
+            continue
+        w8 = (torch.randn(n, k, device=DEV) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+        s_w, s_x = scale(0.1 / 100), scale(4.0 / 100)
+        for m in ms:
+            x8 = (torch.randn(m, k, device=DEV) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+            want = (x8.double() @ w8.double().t()) * (float(s_x) * float(s_w))
+            rms = float(want.pow(2).mean().sqrt())
+            cells = []
+            for fast in (False, True):
+                def mm(fast=fast):
+                    return torch._scaled_mm(x8, w8.t(), scale_a=s_x, scale_b=s_w, out_dtype=DT, use_fast_accum=fast)
+                got = mm()
+                t = graph_us(mm, 3)
+                cells.append((t, rel_err(got, want), float((got.double() - want).abs().max()) / rms))
+            (t0, e0, x0), (t1, e1, x1) = cells
+            rows.append((f"_scaled_mm M={m}", name, t0,
+                         f"{2 * m * n * k / t0 / 1e6:.0f} TFLOP/s err {e0:.1e} max {x0:.1e} | fast accum {t1:.1f} us "
+                         f"{2 * m * n * k / t1 / 1e6:.0f} TFLOP/s err {e1:.1e} max {x1:.1e} ({t0 / t1:.2f}x)"))
+
+
 def sweep_gemv(name: str, n: int, k: int, fusion: str, ws: list) -> dict:
     best = {}
     for m in (1, 2, 8):
@@ -191,7 +218,7 @@ def whole_engine(rows: list, engine: str | None) -> None:
     variants = {"bf16": [], "fp8": ["--fp8"], "fp8+fp8kv": ["--fp8", "--kv-cache-dtype", "fp8"]}
     engines = {"given": engine} if engine else {}
     for name, flags in ({} if engine else variants).items():
-        engines[name] = f"/tmp/kiln-check-1b-{name}"
+        engines[name] = f"{'/dev/shm' if Path('/dev/shm').is_dir() else '/tmp'}/kiln-check-1b-{name}"
         if not Path(engines[name], "kiln.json").is_file():
             subprocess.run([sys.executable, "-m", "kiln.engine_builder.cli", "--random-weights", "llama-3.2-1b",
                             *flags, "--dtype", "bfloat16", "--output", engines[name], "--force", "-q"], check=True)
@@ -251,6 +278,10 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--engine", help="a random FP8 engine to run (default: build llama-3.2-1b into /tmp)")
     parser.add_argument("--sweep", action="store_true", help="also sweep FP8 GEMV tiles (minutes)")
+    parser.add_argument("--gemm", action="store_true",
+                        help="only time _scaled_mm with and without fast accumulation (and its error)")
+    parser.add_argument("--gemm-rows", default="256,512,2048,8192", help="with --gemm: row counts")
+    parser.add_argument("--gemm-shapes", default="8b,70b", help="with --gemm: shape name prefixes")
     parser.add_argument("--json")
     args = parser.parse_args()
     cap = torch.cuda.get_device_capability()
@@ -259,6 +290,12 @@ def main() -> int:
         print("FP8 needs sm_89+: this GPU runs the emulation only (check skipped)")
         return 1
     checks, times, results = [], [], {}
+    if args.gemm:
+        gemm_accum(times, tuple(int(m) for m in args.gemm_rows.split(",")), args.gemm_shapes)
+        print("\n| product | shape | us | note |\n|---|---|---|---|")
+        for name, shape, t, note in times:
+            print(f"| {name} | {shape} | {t:.1f} | {note} |")
+        return 0
     for step in (check_elementwise, check_gemv, check_scaled_mm):
         try:
             step(checks)

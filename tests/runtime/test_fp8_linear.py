@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from kiln.runtime.attention import KernelSet
 from kiln.runtime.linear import Linear, LinearContext, UnsupportedQuantizationError, linear_method_for
+from kiln.runtime.quant import fp8
 from kiln.runtime.quant.fp8 import Fp8Linear
 
 CTX = LinearContext(torch.device("cpu"), torch.float32, KernelSet(), {"quant_algo": "FP8"})
@@ -97,3 +98,38 @@ def test_rejects_non_fp8_weight_and_bad_scale():
         Fp8Linear.load(CTX, {**tensors, "l.weight": tensors["l.weight"].float()}.get, "l")
     with pytest.raises(UnsupportedQuantizationError, match="positive"):
         Fp8Linear.load(CTX, {**tensors, "l.activation_scaling_factor": torch.tensor([0.0])}.get, "l")
+
+
+def test_fast_accumulation_setting(monkeypatch):
+    monkeypatch.delenv(fp8.FAST_ACCUM_ENV, raising=False)
+    assert fp8.fast_accum_enabled()  # on by default (cuBLASLt's fast accumulation)
+    monkeypatch.setenv(fp8.FAST_ACCUM_ENV, "0")
+    assert not fp8.fast_accum_enabled()
+    monkeypatch.setenv(fp8.FAST_ACCUM_ENV, "yes")
+    with pytest.raises(ValueError, match="KILN_FP8_FAST_ACCUM='yes': expected 0 or 1"):
+        fp8.fast_accum_enabled()
+    monkeypatch.setenv(fp8.FAST_ACCUM_ENV, "1")
+    assert not fp8.select_fp8_ops(KernelSet(), torch.device("cpu")).fast_accum  # no FP8 GEMM on the CPU
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_native_gemm_asks_for_the_configured_accumulation(monkeypatch, fast):
+    """The _scaled_mm call (stood in for by the exact emulation: no FP8 GEMM on the CPU) gets the
+    accumulation mode of the linear's ops, the scales and the stored weight."""
+    gen = torch.Generator().manual_seed(3)
+    tensors, method = make_fp8(16, 32, gen)
+    calls = []
+
+    def scaled_mm(a, b, *, scale_a, scale_b, bias, out_dtype, use_fast_accum):
+        calls.append(use_fast_accum)
+        assert torch.equal(b.t().float(), method.weight.float()) and scale_a is method.input_scale and scale_b is method.weight_scale
+        return fp8.emulated_scaled_mm(a, b.t().float(), scale_a * scale_b, bias, out_dtype)
+
+    monkeypatch.setattr(torch, "_scaled_mm", scaled_mm)
+    method.fp8 = fp8.Fp8Ops(native_gemm=True, fast_accum=fast)
+    method._weight_compute = None  # the native path
+    x = torch.randn(3, 32, generator=gen)
+    y = method.apply(method.prepare(x))
+    assert calls == [fast]
+    torch.testing.assert_close(y.double(), quantized_linear64(x, tensors["l.weight"], 6.0 / 448, 0.25 / 448),
+                               rtol=1e-5, atol=1e-5)
