@@ -10,11 +10,12 @@ PyTorch's symmetric memory instead of NCCL: each rank copies its tensor into a b
 rank has mapped (CUDA IPC over NVLink), and one kernel reads all the peers' copies and sums
 them (``torch.ops.symm_mem.one_shot_all_reduce_copy``, the idea of vLLM's and TensorRT-LLM's
 custom all-reduce). It is captured in CUDA graphs like the NCCL call. Larger tensors, other
-dtypes and machines where the buffer cannot be mapped keep NCCL. ``KILN_ALL_REDUCE=nccl``
-turns the peer path off (for comparisons). ``KILN_ALL_REDUCE=two_shot`` (opt-in, not yet run on
-a GPU) also sends messages up to ``TWO_SHOT_MAX_BYTES`` through PyTorch's two-shot all-reduce
-over the same buffer (``torch.ops.symm_mem.two_shot_all_reduce_``: reduce-scatter then
-all-gather through peer memory), if a first call at start-up works on every rank.
+dtypes and machines where the buffer cannot be mapped keep NCCL. Messages above the one-shot
+limit and up to ``TWO_SHOT_MAX_BYTES`` go through PyTorch's two-shot all-reduce over the same
+buffer (``torch.ops.symm_mem.two_shot_all_reduce_``: reduce-scatter then all-gather through peer
+memory), if a first call at start-up works on every rank. ``KILN_ALL_REDUCE`` picks (for
+comparisons): ``auto`` (the default: one-shot, two-shot, NCCL by size), ``one_shot`` (no
+two-shot), ``nccl`` (no peer path); ``two_shot`` is accepted as a synonym of ``auto``.
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ logger = logging.getLogger(__name__)
 # (scripts/bench_allreduce_gpu.py measures the crossover).
 PEER_ALL_REDUCE_MAX_BYTES = 1 << 20
 TWO_SHOT_MAX_BYTES = 16 << 20
-"""With ``KILN_ALL_REDUCE=two_shot``, messages above the one-shot limit and up to this size take
-the two-shot peer all-reduce: each rank moves 2 (ranks - 1) / ranks of the tensor instead of
-one-shot's (ranks - 1) whole copies, vLLM's choice on two Hopper GPUs up to tens of MiB. Opt-in
-until scripts/bench_allreduce_gpu.py has compared it with NCCL: the 70B tp 2 decode step at batch
-256 spends 23% of its time in 4 MiB NCCL all-reduces (BENCHMARKS.md "Fourth H200 session")."""
-ALL_REDUCE_MODES = ("auto", "nccl", "two_shot")
+"""Messages above the one-shot limit and up to this size take the two-shot peer all-reduce: each
+rank moves 2 (ranks - 1) / ranks of the tensor instead of one-shot's (ranks - 1) whole copies,
+vLLM's choice on two Hopper GPUs up to tens of MiB. On an H200 pair ([batch, 8192] bf16, 160 in
+one graph): 16.8 / 24.9 / 40.7 us at 2 / 4 / 8 MiB against NCCL's 41-43 / 49 / 68-70, sums equal
+to NCCL's; Llama-3.1-70B FP8 tp 2 128/128 6,370 -> 6,494 tok/s (BENCHMARKS.md, eighth session)."""
+ALL_REDUCE_MODES = ("auto", "one_shot", "nccl", "two_shot")
 
 
 class Collectives:
@@ -98,10 +99,12 @@ class DistributedCollectives(Collectives):
         if mode not in ALL_REDUCE_MODES:
             raise ValueError(f"KILN_ALL_REDUCE={mode!r}: choose one of {', '.join(ALL_REDUCE_MODES)}")
         if device.type == "cuda" and peer_max_bytes > 0 and mode != "nccl":
-            two_shot = mode == "two_shot"
+            two_shot = mode in ("auto", "two_shot")
             self._peer_buffer = self._map_peer_buffer(max(peer_max_bytes, TWO_SHOT_MAX_BYTES if two_shot else 0))
             if two_shot and self._peer_buffer is not None:
                 self._two_shot_numel = self._probe_two_shot(TWO_SHOT_MAX_BYTES // 2)
+            if self._peer_buffer is not None and rank == 0:
+                logger.info("all-reduces above %d KiB: NCCL", max(self._one_shot_numel, self._two_shot_numel) * 2 >> 10)
 
     def _map_peer_buffer(self, nbytes: int) -> torch.Tensor | None:
         """The symmetric buffer of the peer all-reduces, or None (NCCL only) on every rank.
@@ -129,8 +132,7 @@ class DistributedCollectives(Collectives):
         if self.min_int(1 if buffer is not None else 0) == 0:
             return None
         if self.rank == 0:
-            logger.info("all-reduces up to %d KiB: one-shot over peer memory; larger: NCCL",
-                        self._one_shot_numel * 2 >> 10)
+            logger.info("all-reduces up to %d KiB: one-shot over peer memory", self._one_shot_numel * 2 >> 10)
         return buffer
 
     def _probe_two_shot(self, numel: int) -> int:
@@ -149,7 +151,7 @@ class DistributedCollectives(Collectives):
         if self.min_int(ok) == 0:
             return 0
         if self.rank == 0:
-            logger.info("all-reduces above %d KiB and up to %d KiB: two-shot over peer memory (KILN_ALL_REDUCE=two_shot)",
+            logger.info("all-reduces above %d KiB and up to %d KiB: two-shot over peer memory (KILN_ALL_REDUCE=one_shot: NCCL)",
                         self._one_shot_numel * 2 >> 10, numel * 2 >> 10)
         return numel
 

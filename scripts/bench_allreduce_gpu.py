@@ -1,13 +1,13 @@
 """All-reduce cost per decode step, as the tensor-parallel model pays it: NCCL vs one-shot peer.
 
     python scripts/bench_allreduce_gpu.py [--world 2] [--hidden 4096] [--layers 32] [--batches 1,8,256]
-    KILN_ALL_REDUCE=two_shot python scripts/bench_allreduce_gpu.py --hidden 8192 --layers 80 --batches 64,128,256,512
+    KILN_ALL_REDUCE=one_shot python scripts/bench_allreduce_gpu.py --hidden 8192 --layers 80 --batches 64,128,256,512
 
 One process per GPU. For each batch size, 2 * layers all-reduces of [batch, hidden] bf16
 (attention dense + MLP proj per layer) are captured in one CUDA graph, as in a decode step,
 and the graph's replay is timed (median of 50), once through NCCL and once through Kiln's
 ``DistributedCollectives`` (one-shot over symmetric peer memory up to its size limit, NCCL
-above; with ``KILN_ALL_REDUCE=two_shot`` also two-shot over peer memory up to 16 MiB). First it
+above, two-shot over peer memory up to 16 MiB unless ``KILN_ALL_REDUCE=one_shot``). First it
 checks the peer paths' sums: many consecutive all-reduces of distinct inputs inside one graph
 (the buffer is reused by every call) against NCCL's. Prints microseconds per
 all-reduce and per step. Keep NVLink multicast off (NCCL_NVLS_ENABLE=0,
@@ -90,7 +90,7 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
     if rank == 0:
         print(check)
         print(f"one-shot peer path up to {PEER_ALL_REDUCE_MAX_BYTES >> 10} KiB ({'on' if peer else 'off'}); "
-              f"two-shot up to {group._two_shot_numel * 2 >> 10} KiB (0: off; KILN_ALL_REDUCE=two_shot turns it on)")
+              f"two-shot up to {group._two_shot_numel * 2 >> 10} KiB (0: off, e.g. KILN_ALL_REDUCE=one_shot)")
         n = 2 * args.layers
         print(f"| batch | KiB | NCCL us per all-reduce [batch, {args.hidden}] bf16 | Kiln us per all-reduce "
               f"| NCCL us per step ({n}) | Kiln us per step |")

@@ -27,11 +27,11 @@ def one_rank_group():
 
 def test_an_unknown_all_reduce_mode_is_one_line(one_rank_group, monkeypatch) -> None:
     monkeypatch.setenv("KILN_ALL_REDUCE", "fast")
-    with pytest.raises(ValueError, match="KILN_ALL_REDUCE='fast': choose one of auto, nccl, two_shot"):
+    with pytest.raises(ValueError, match="KILN_ALL_REDUCE='fast': choose one of auto, one_shot, nccl, two_shot"):
         DistributedCollectives(0, 1, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("mode", ["auto", "nccl", "two_shot"])
+@pytest.mark.parametrize("mode", ["auto", "one_shot", "nccl", "two_shot"])
 def test_every_mode_reduces_through_the_backend_on_the_cpu(one_rank_group, monkeypatch, mode: str) -> None:
     monkeypatch.setenv("KILN_ALL_REDUCE", mode)
     group = DistributedCollectives(0, 1, torch.device("cpu"))
