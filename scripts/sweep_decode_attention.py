@@ -9,9 +9,12 @@ FP8 with scales), one decode token per sequence with contexts drawn uniformly fr
 [ctx-lo, ctx-hi]; every configuration is graph-timed over distinct input sets
 (scripts/check_kernels_gpu.py helpers), checked against the default configuration's output, and
 reported in GB/s of KV read (prefill: TFLOP/s of the causal products, next to torch's SDPA on
-the same unpaged shape: its default choice, then each backend forced, and FlashAttention-2's
-and cuDNN's variable-length entries; ``--backends`` times only the default tiles against
-those). Fastest last.
+the same unpaged shape: its default choice, cuDNN's and FlashAttention-2's variable-length
+entries (cuDNN's also checked on ragged lengths; timed eagerly when a graph cannot capture it),
+then the FlashAttention and cuDNN SDPA backends forced; ``--backends`` times only the default
+tiles against those). Fastest last. (On an H200 with torch 2.11 cuDNN's variable-length entry
+was correct but took 66-73 ms eagerly for 16 x 2,048 tokens and did not capture in a graph,
+against 1.09 ms for its dense SDPA backend: not a route for ragged prefill chunks there.)
 """
 
 from __future__ import annotations
@@ -142,13 +145,20 @@ def sweep_prefill(seqs: int, q_len: int, fp8: bool, backends_only: bool = False)
 
 
 def _torch_backends(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flops: float) -> None:
-    """torch's attention kernels on the same unpaged shape: SDPA per backend, and FlashAttention-2's
-    and cuDNN's variable-length entries (what a prefill of fresh chunks of different lengths would
-    call)."""
+    """torch's attention kernels on the same unpaged shape: cuDNN's and FlashAttention-2's
+    variable-length entries (what a prefill of fresh chunks of different lengths would call; cuDNN
+    first: an SDPA backend that fails inside a graph capture can poison later captures), then SDPA
+    per backend."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     seqs, _, q_len, d = q.shape
-    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+    qf, kf, vf = (t.transpose(1, 2).reshape(seqs * q_len, t.shape[1], d).contiguous() for t in (q, k, v))
+    qsl = torch.arange(0, seqs * q_len + 1, q_len, device=q.device, dtype=torch.int32)
+    _cudnn_varlen(qf, kf, vf, qsl, q_len, flops)
+    ms = ck.graph_ms([lambda: torch.ops.aten._flash_attention_forward(qf, kf, vf, qsl, qsl, q_len, q_len, 0.0, True,
+                                                                        False, scale=0.088)[0]])
+    print(f"FlashAttention-2 varlen             {ms:.3f} ms {flops / (ms * 1e-3) / 1e12:.0f} TFLOP/s")
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION):
         try:
             with sdpa_kernel(backend):
                 ms = ck.graph_ms([lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
@@ -156,35 +166,56 @@ def _torch_backends(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flops: fl
             print(f"torch SDPA {backend.name:24s} {ms:.3f} ms {flops / (ms * 1e-3) / 1e12:.0f} TFLOP/s")
         except RuntimeError as exc:
             print(f"torch SDPA {backend.name:24s} unavailable: {str(exc).splitlines()[0][:100]}")
-    qf, kf, vf = (t.transpose(1, 2).reshape(seqs * q_len, t.shape[1], d).contiguous() for t in (q, k, v))
-    qsl = torch.arange(0, seqs * q_len + 1, q_len, device=q.device, dtype=torch.int32)
-    ms = ck.graph_ms([lambda: torch.ops.aten._flash_attention_forward(qf, kf, vf, qsl, qsl, q_len, q_len, 0.0, True,
-                                                                        False, scale=0.088)[0]])
-    print(f"FlashAttention-2 varlen             {ms:.3f} ms {flops / (ms * 1e-3) / 1e12:.0f} TFLOP/s")
-    _cudnn_varlen(qf, kf, vf, qsl, q_len, flops)
+
+
+def _cudnn_call(qf, k, v, cu_q, max_q):
+    return torch.ops.aten._cudnn_attention_forward(qf, k, v, None, cu_q, cu_q, max_q, max_q, False, 0.0, True,
+                                                   False, scale=0.088)[0]
+
+
+def _event_ms(fn, reps: int = 20) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
 
 
 def _cudnn_varlen(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, qsl: torch.Tensor, q_len: int,
                   flops: float) -> None:
     """cuDNN's variable-length entry (what fresh prefill chunks of different lengths could call),
-    checked against FlashAttention-2's output; K/V heads as they are, else repeated to q's heads."""
+    checked against FlashAttention-2's output; K/V heads as they are, else repeated to q's heads.
+    Also checked on ragged lengths; timed in a CUDA graph, else eagerly (events)."""
     want = torch.ops.aten._flash_attention_forward(qf, kf, vf, qsl, qsl, q_len, q_len, 0.0, True, False,
                                                    scale=0.088)[0]
+    lens = torch.tensor([q_len, q_len // 2 + 17, 1, q_len // 4 - 3, 300], dtype=torch.int32)
+    rsl = torch.cat([torch.zeros(1, dtype=torch.int32), lens.cumsum(0).to(torch.int32)]).to(qf.device)
+    total = int(rsl[-1])
+    rq, rk, rv = qf[:total].contiguous(), kf[:total].contiguous(), vf[:total].contiguous()
+    rwant = torch.ops.aten._flash_attention_forward(rq, rk, rv, rsl, rsl, q_len, q_len, 0.0, True, False,
+                                                    scale=0.088)[0]
     group = qf.shape[1] // kf.shape[1]
-    for label, k, v in (("GQA", kf, vf), ("heads repeated", kf.repeat_interleave(group, 1).contiguous(),
-                                           vf.repeat_interleave(group, 1).contiguous())):
-        def call(k=k, v=v):
-            return torch.ops.aten._cudnn_attention_forward(qf, k, v, None, qsl, qsl, q_len, q_len, False, 0.0, True,
-                                                           False, scale=0.088)[0]
+    for label, k, v, r_k, r_v in (
+            ("GQA", kf, vf, rk, rv),
+            ("heads repeated", kf.repeat_interleave(group, 1).contiguous(), vf.repeat_interleave(group, 1).contiguous(),
+             rk.repeat_interleave(group, 1).contiguous(), rv.repeat_interleave(group, 1).contiguous())):
         try:
-            err = (call().float() - want.float()).abs().max().item()
-            ms = ck.graph_ms([call])
+            err = (_cudnn_call(qf, k, v, qsl, q_len).float() - want.float()).abs().max().item()
+            rerr = (_cudnn_call(rq, r_k, r_v, rsl, q_len).float() - rwant.float()).abs().max().item()
         except Exception as exc:  # noqa: BLE001 - report and try the next form
             print(f"cuDNN varlen ({label}) unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
             continue
-        print(f"cuDNN varlen ({label:14s})       {ms:.3f} ms {flops / (ms * 1e-3) / 1e12:.0f} TFLOP/s  "
-              f"max|diff| vs FA2 {err:.2e}")
-        return
+        try:
+            ms, how = ck.graph_ms([lambda k=k, v=v: _cudnn_call(qf, k, v, qsl, q_len)]), "graph"
+        except Exception as exc:  # noqa: BLE001
+            print(f"cuDNN varlen ({label}) not graph-capturable: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
+            ms, how = _event_ms(lambda k=k, v=v: _cudnn_call(qf, k, v, qsl, q_len)), "eager"
+        print(f"cuDNN varlen ({label:14s})       {ms:.3f} ms {flops / (ms * 1e-3) / 1e12:.0f} TFLOP/s ({how})  "
+              f"max|diff| vs FA2 {err:.2e}, ragged {rerr:.2e}")
 
 
 if __name__ == "__main__":
