@@ -34,6 +34,7 @@ from kiln.runtime.input_batch import InputBatch, ModelInputs, SamplingBatch
 from kiln.runtime.kv_cache import KVCache, KVCacheSpec, cpu_num_blocks, explicit_num_blocks, gpu_num_blocks
 from kiln.runtime.model import LlamaFamilyModel
 from kiln.runtime.parallel import SINGLE_RANK, Collectives
+from kiln.runtime.quant.fp8 import tune_accumulation
 from kiln.runtime.sampler import Sampler, SamplerOutput, SamplingMetadata
 from kiln.runtime.verify import VerifyOutput, verify
 from kiln.scheduler.interface import RunnerOutput, SchedulerOutput
@@ -90,6 +91,13 @@ class ModelRunner:
         # Every rank sizes its own cache; all use the smallest block count, so one block id
         # means the same slots everywhere.
         self.spec_k = engine_config.spec_tokens  # the graph memory estimate counts the verify graphs
+        if self.device.type == "cuda":  # FP8 GEMMs: fast accumulation where it is faster at full steps
+            try:
+                with torch.inference_mode():
+                    tune_accumulation((lin.method for layer in self.model.layers for lin in layer.linears),
+                                      engine_config.max_num_tokens, agree=group.min_int)
+            except RuntimeError as exc:  # speed only (out of memory included): keep fast accumulation
+                logger.warning("FP8 accumulation tuning skipped (%s: %s)", type(exc).__name__, exc)
         self.num_blocks = group.min_int(self._size_kv_cache(spec))
         self.kv_cache = KVCache(spec, self.num_blocks, self.device)
         self.input_batch = InputBatch(

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,6 +188,8 @@ class Fp8Linear(LinearMethod):
         self.native = self.fp8.native_gemm and self.in_features % 16 == 0 and self.out_features % 16 == 0
         # Emulation multiplies the fp8 values held exactly in the compute dtype.
         self._weight_compute = None if self.native else self.weight.to(ctx.dtype)
+        # Row counts at which the fast accumulation measured slower (tune_accumulation).
+        self.exact_accum_rows: frozenset[int] = frozenset()
 
     @classmethod
     def load(cls, ctx: LinearContext, get: TensorGetter, prefix: str) -> Fp8Linear:
@@ -231,8 +233,9 @@ class Fp8Linear(LinearMethod):
         if x.shape[0] == 0:
             out = x.new_empty((0, self.out_features), dtype=self.ctx.dtype)
             return out if bias is None else out + bias
+        fast = self.fp8.fast_accum and x.shape[0] not in self.exact_accum_rows
         return torch._scaled_mm(x, self.weight.t(), scale_a=self.input_scale, scale_b=self.weight_scale,
-                                bias=bias, out_dtype=self.ctx.dtype, use_fast_accum=self.fp8.fast_accum)
+                                bias=bias, out_dtype=self.ctx.dtype, use_fast_accum=fast)
 
     @property
     def has_small(self) -> bool:
@@ -240,3 +243,63 @@ class Fp8Linear(LinearMethod):
 
     def small(self, x: torch.Tensor, **fused: Any) -> torch.Tensor:
         return self.fp8.small(x, self.weight, self.input_inv_scale, self.out_scale, **fused)
+
+
+# ----------------------------------------------------------------------------- start-up tuning
+
+
+def _cuda_timer(fn: Callable[[], Any], calls: int = 5, repeats: int = 3) -> float:
+    """Seconds per call of ``fn`` on the current CUDA stream: the best of ``repeats`` runs of
+    ``calls`` calls, after a warm-up."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3 / calls)
+    return best
+
+
+def tune_accumulation(methods: Iterable[Any], rows: int, agree: Callable[[int], int] = lambda v: v,
+                      timer: Callable[[Callable[[], Any]], float] = _cuda_timer,
+                      slower: float = 1.03) -> list[tuple[int, int, float, float]]:
+    """Where cuBLASLt's fast accumulation is slower, use the default one (both are valid FP8
+    products; only speed differs).
+
+    For each distinct weight shape among the native FP8 linears with fast accumulation on,
+    times ``_scaled_mm`` at ``rows`` rows (the step's token budget: every full prefill step has
+    exactly that many) both ways; where fast is more than ``slower`` times slower, the linears
+    of that shape add ``rows`` to ``exact_accum_rows``. On an H200 (torch 2.11) the 8B gate_up
+    at 8,192 rows took 1.47 ms fast against 1.33 ms, while every other shape and row count
+    measured gained 2-11% (BENCHMARKS.md, eighth session). ``agree`` is the tensor-parallel
+    group's ``min_int`` (every rank takes the same choice: the default only where all ranks
+    measured it faster). Returns (out_features, in_features, fast s, default s) per shape timed.
+    """
+    shapes: dict[tuple[int, int], list[Fp8Linear]] = {}
+    for method in methods:
+        if isinstance(method, Fp8Linear) and method.native and method.fp8.fast_accum:
+            shapes.setdefault((method.out_features, method.in_features), []).append(method)
+    timed = []
+    for (n, k), group in sorted(shapes.items()):
+        lin = group[0]
+        x8 = torch.randn(rows, k, device=lin.weight.device, dtype=torch.bfloat16).to(FP8_DTYPE)
+
+        def product(fast: bool) -> Callable[[], Any]:
+            return lambda: torch._scaled_mm(x8, lin.weight.t(), scale_a=lin.input_scale, scale_b=lin.weight_scale,
+                                            out_dtype=lin.ctx.dtype, use_fast_accum=fast)
+
+        t_fast, t_default = float("inf"), float("inf")
+        for _ in range(2):  # alternated, so neither mode always runs on a warmer GPU
+            t_fast, t_default = min(t_fast, timer(product(True))), min(t_default, timer(product(False)))
+        del x8
+        timed.append((n, k, t_fast, t_default))
+        if agree(int(t_fast > slower * t_default)):
+            for method in group:
+                method.exact_accum_rows = method.exact_accum_rows | {rows}
+            logger.info("FP8 GEMM %dx%d at %d rows: default accumulation (fast %.3f ms vs %.3f ms)",
+                        n, k, rows, t_fast * 1e3, t_default * 1e3)
+    return timed

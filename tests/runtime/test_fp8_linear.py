@@ -133,3 +133,74 @@ def test_native_gemm_asks_for_the_configured_accumulation(monkeypatch, fast):
     assert calls == [fast]
     torch.testing.assert_close(y.double(), quantized_linear64(x, tensors["l.weight"], 6.0 / 448, 0.25 / 448),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_tune_accumulation_keeps_fast_only_where_it_is_faster(monkeypatch):
+    """Shapes are timed once each (a stand-in timer: no GPU here); the shape where fast
+    accumulation measured slower takes the default at exactly the tuned row count, and the
+    _scaled_mm call at that count asks for it; other row counts and shapes stay fast."""
+    gen = torch.Generator().manual_seed(4)
+    (_, slow_a), (_, slow_b), (_, fast_c) = make_fp8(16, 32, gen), make_fp8(16, 32, gen), make_fp8(32, 32, gen)
+    emulated = make_fp8(16, 48, gen)[1]  # not native: never timed
+    for method in (slow_a, slow_b, fast_c):
+        method.fp8, method.native, method._weight_compute = fp8.Fp8Ops(native_gemm=True, fast_accum=True), True, None
+    calls = []
+
+    def scaled_mm(a, b, *, scale_a, scale_b, bias=None, out_dtype, use_fast_accum):
+        calls.append((b.shape[1], a.shape[0], use_fast_accum))
+        return fp8.emulated_scaled_mm(a, b.t().float(), scale_a * scale_b, bias, out_dtype)
+
+    def timer(fn):
+        fn()
+        out_features, _, fast = calls[-1]
+        return 1.2 if fast and out_features == 16 else 1.0  # fast slower on the 16 x 32 shape only
+
+    monkeypatch.setattr(torch, "_scaled_mm", scaled_mm)
+    agreed = []
+    timed = fp8.tune_accumulation([slow_a, slow_b, fast_c, emulated], rows=6,
+                                  agree=lambda v: agreed.append(v) or v, timer=timer)
+    assert [(n, k) for n, k, _, _ in timed] == [(16, 32), (32, 32)] and agreed == [1, 0]
+    assert slow_a.exact_accum_rows == slow_b.exact_accum_rows == {6} and fast_c.exact_accum_rows == set()
+    calls.clear()
+    for method in (slow_a, fast_c):
+        for rows in (6, 5):
+            method.apply(method.prepare(torch.randn(rows, 32, generator=gen)))
+    assert calls == [(16, 6, False), (16, 5, True), (32, 6, True), (32, 5, True)]
+
+
+def test_tune_accumulation_follows_the_group(monkeypatch):
+    """Every rank takes the group's choice: a rank that measured fast slower keeps it when
+    another rank did not (min over ranks)."""
+    gen = torch.Generator().manual_seed(5)
+    _, method = make_fp8(16, 32, gen)
+    method.fp8, method.native, method._weight_compute = fp8.Fp8Ops(native_gemm=True, fast_accum=True), True, None
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **kw: None)
+    slow_fast = iter([2.0, 1.0, 2.0, 1.0])  # fast, default, fast, default
+    fp8.tune_accumulation([method], rows=8, agree=lambda v: 0, timer=lambda fn: next(slow_fast))
+    assert method.exact_accum_rows == set()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs a CUDA GPU with FP8 tensor cores (sm_89+)")
+def test_tune_accumulation_on_the_gpu():
+    """The real timer on real _scaled_mm calls: every shape timed both ways, and the product at
+    the tuned row count (whichever accumulation was chosen) equals float64 of the same fp8
+    operands within bf16 rounding."""
+    from kiln.runtime.attention import select_kernels
+
+    dev = torch.device("cuda")
+    ctx = LinearContext(dev, torch.bfloat16, select_kernels(dev, "auto"), {"quant_algo": "FP8"})
+    gen = torch.Generator().manual_seed(6)
+    methods = []
+    for n, k in ((256, 512), (1024, 512)):
+        tensors = make_fp8(n, k, gen)[0]
+        methods.append(Fp8Linear.load(ctx, tensors.get, "l"))
+        assert methods[-1].native and methods[-1].fp8.fast_accum
+    timed = fp8.tune_accumulation(methods, rows=1024)
+    assert [(n, k) for n, k, _, _ in timed] == [(256, 512), (1024, 512)]
+    assert all(0 < t < 1 for _, _, fast, default in timed for t in (fast, default))
+    for method in methods:
+        x = torch.randn(1024, 512, generator=gen)
+        got = method.apply(method.prepare(x.to(dev, torch.bfloat16)))
+        want = quantized_linear64(x.to(torch.bfloat16).float(), method.weight.cpu(), 6.0 / 448, 0.25 / 448)
+        assert float((got.double().cpu() - want).norm() / want.norm()) < 1e-2
