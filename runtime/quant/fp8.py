@@ -10,7 +10,8 @@ scales, ``q(v, s) = fp8(clamp(v * (1/s), -448, 448))`` rounds to nearest even):
 with the product accumulated in fp32 (on sm_89+ ``_scaled_mm`` uses cuBLASLt's fast accumulation by
 default: the tensor cores' own accumulator, not promoted to full fp32 every few k-steps; on an
 H200 1.03-1.11x faster at 256-2,048 rows, its error against float64 2.1-4.7e-3 norm-wise instead
-of 1.7e-3, far below the activations' own fp8 rounding; ``KILN_FP8_FAST_ACCUM=0`` turns it off;
+of 1.7e-3, far below the activations' own fp8 rounding; ``KILN_FP8_FAST_ACCUM``: ``auto``, the
+default, also checks each shape at start-up (``tune_accumulation``), ``1`` skips that, ``0`` is off;
 the GEMV and the CPU reference accumulate in fp32). The reciprocal 1/s_x is computed once at load, so the
 kernels and references multiply by the same fp32 number. The quantization of x' is fused into
 the kernel that produces it (add + RMSNorm, SiLU-and-mul; a quantize kernel for attention's
@@ -116,18 +117,25 @@ class Fp8Ops:
     small: Callable[..., torch.Tensor] | None = None
     native_gemm: bool = False
     fast_accum: bool = False
+    tune_accum: bool = False  # fast accumulation checked per shape at start-up (KILN_FP8_FAST_ACCUM=auto)
     name: str = "torch"
 
 
 FAST_ACCUM_ENV = "KILN_FP8_FAST_ACCUM"
 
 
+def fast_accum_mode() -> str:
+    """``KILN_FP8_FAST_ACCUM``: ``auto`` (the default: ``_scaled_mm``'s ``use_fast_accum``, except
+    where ``tune_accumulation`` measures it slower), ``1`` (everywhere) or ``0`` (never)."""
+    value = os.environ.get(FAST_ACCUM_ENV, "auto")
+    if value not in ("auto", "0", "1"):
+        raise ValueError(f"{FAST_ACCUM_ENV}={value!r}: expected auto, 0 or 1")
+    return value
+
+
 def fast_accum_enabled() -> bool:
-    """``KILN_FP8_FAST_ACCUM`` (0/1, default 1): ``_scaled_mm``'s ``use_fast_accum``."""
-    value = os.environ.get(FAST_ACCUM_ENV, "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"{FAST_ACCUM_ENV}={value!r}: expected 0 or 1")
-    return value == "1"
+    """Whether FP8 GEMMs use cuBLASLt's fast accumulation at all (``auto`` or ``1``)."""
+    return fast_accum_mode() != "0"
 
 
 def has_native_fp8(device: torch.device) -> bool:
@@ -150,13 +158,14 @@ def select_fp8_ops(ops: KernelSet, device: torch.device) -> Fp8Ops:
                            "in the model dtype (same results, no speed-up)", device,
                            torch.cuda.get_device_capability(device))
     fast = native and fast_accum_enabled()
+    tune = fast and fast_accum_mode() == "auto"
     if ops.name != "triton" or (device.type == "cuda" and not native):
-        return Fp8Ops(native_gemm=native, fast_accum=fast)
+        return Fp8Ops(native_gemm=native, fast_accum=fast, tune_accum=tune)
     from kiln.runtime import kernels
 
     return Fp8Ops(quantize=kernels.quantize_fp8, norm_quant=kernels.fused_add_rms_norm_fp8,
                   silu_quant=kernels.silu_and_mul_fp8, small=kernels.gemv_fp8, native_gemm=native, fast_accum=fast,
-                  name="triton")
+                  tune_accum=tune, name="triton")
 
 
 # ----------------------------------------------------------------------------- the method
@@ -270,7 +279,8 @@ def tune_accumulation(methods: Iterable[Any], rows: int, agree: Callable[[int], 
     """Where cuBLASLt's fast accumulation is slower, use the default one (both are valid FP8
     products; only speed differs).
 
-    For each distinct weight shape among the native FP8 linears with fast accumulation on,
+    For each distinct weight shape among the native FP8 linears with fast accumulation on and
+    tuned (``KILN_FP8_FAST_ACCUM=auto``),
     times ``_scaled_mm`` at ``rows`` rows (the step's token budget: every full prefill step has
     exactly that many) both ways; where fast is more than ``slower`` times slower, the linears
     of that shape add ``rows`` to ``exact_accum_rows``. On an H200 (torch 2.11) the 8B gate_up
@@ -281,7 +291,7 @@ def tune_accumulation(methods: Iterable[Any], rows: int, agree: Callable[[int], 
     """
     shapes: dict[tuple[int, int], list[Fp8Linear]] = {}
     for method in methods:
-        if isinstance(method, Fp8Linear) and method.native and method.fp8.fast_accum:
+        if isinstance(method, Fp8Linear) and method.native and method.fp8.fast_accum and method.fp8.tune_accum:
             shapes.setdefault((method.out_features, method.in_features), []).append(method)
     timed = []
     for (n, k), group in sorted(shapes.items()):

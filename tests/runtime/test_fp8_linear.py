@@ -102,11 +102,13 @@ def test_rejects_non_fp8_weight_and_bad_scale():
 
 def test_fast_accumulation_setting(monkeypatch):
     monkeypatch.delenv(fp8.FAST_ACCUM_ENV, raising=False)
-    assert fp8.fast_accum_enabled()  # on by default (cuBLASLt's fast accumulation)
+    assert fp8.fast_accum_enabled() and fp8.fast_accum_mode() == "auto"  # on by default, tuned per shape
+    monkeypatch.setenv(fp8.FAST_ACCUM_ENV, "1")
+    assert fp8.fast_accum_enabled() and fp8.fast_accum_mode() == "1"
     monkeypatch.setenv(fp8.FAST_ACCUM_ENV, "0")
     assert not fp8.fast_accum_enabled()
     monkeypatch.setenv(fp8.FAST_ACCUM_ENV, "yes")
-    with pytest.raises(ValueError, match="KILN_FP8_FAST_ACCUM='yes': expected 0 or 1"):
+    with pytest.raises(ValueError, match="KILN_FP8_FAST_ACCUM='yes': expected auto, 0 or 1"):
         fp8.fast_accum_enabled()
     monkeypatch.setenv(fp8.FAST_ACCUM_ENV, "1")
     assert not fp8.select_fp8_ops(KernelSet(), torch.device("cpu")).fast_accum  # no FP8 GEMM on the CPU
@@ -143,7 +145,8 @@ def test_tune_accumulation_keeps_fast_only_where_it_is_faster(monkeypatch):
     (_, slow_a), (_, slow_b), (_, fast_c) = make_fp8(16, 32, gen), make_fp8(16, 32, gen), make_fp8(32, 32, gen)
     emulated = make_fp8(16, 48, gen)[1]  # not native: never timed
     for method in (slow_a, slow_b, fast_c):
-        method.fp8, method.native, method._weight_compute = fp8.Fp8Ops(native_gemm=True, fast_accum=True), True, None
+        method.fp8, method.native, method._weight_compute = fp8.Fp8Ops(native_gemm=True, fast_accum=True,
+                                                                       tune_accum=True), True, None
     calls = []
 
     def scaled_mm(a, b, *, scale_a, scale_b, bias=None, out_dtype, use_fast_accum):
@@ -173,11 +176,15 @@ def test_tune_accumulation_follows_the_group(monkeypatch):
     another rank did not (min over ranks)."""
     gen = torch.Generator().manual_seed(5)
     _, method = make_fp8(16, 32, gen)
-    method.fp8, method.native, method._weight_compute = fp8.Fp8Ops(native_gemm=True, fast_accum=True), True, None
+    method.fp8, method.native, method._weight_compute = fp8.Fp8Ops(native_gemm=True, fast_accum=True,
+                                                                   tune_accum=True), True, None
     monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **kw: None)
     slow_fast = iter([2.0, 1.0, 2.0, 1.0])  # fast, default, fast, default
     fp8.tune_accumulation([method], rows=8, agree=lambda v: 0, timer=lambda fn: next(slow_fast))
     assert method.exact_accum_rows == set()
+    # KILN_FP8_FAST_ACCUM=1: fast everywhere, nothing timed
+    method.fp8 = fp8.Fp8Ops(native_gemm=True, fast_accum=True, tune_accum=False)
+    assert fp8.tune_accumulation([method], rows=8, timer=lambda fn: pytest.fail("timed")) == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
@@ -195,7 +202,7 @@ def test_tune_accumulation_on_the_gpu():
     for n, k in ((256, 512), (1024, 512)):
         tensors = make_fp8(n, k, gen)[0]
         methods.append(Fp8Linear.load(ctx, tensors.get, "l"))
-        assert methods[-1].native and methods[-1].fp8.fast_accum
+        assert methods[-1].native and methods[-1].fp8.fast_accum and methods[-1].fp8.tune_accum
     timed = fp8.tune_accumulation(methods, rows=1024)
     assert [(n, k) for n, k, _, _ in timed] == [(256, 512), (1024, 512)]
     assert all(0 < t < 1 for _, _, fast, default in timed for t in (fast, default))
