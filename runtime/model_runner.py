@@ -88,9 +88,6 @@ class ModelRunner:
             num_kv_heads=mc.num_kv_heads_per_rank, head_size=int(mc.head_size),
             dtype=resolve_kv_cache_dtype(engine_config.kv_cache_dtype, mc, self.dtype, self.device),
         )
-        # Every rank sizes its own cache; all use the smallest block count, so one block id
-        # means the same slots everywhere.
-        self.spec_k = engine_config.spec_tokens  # the graph memory estimate counts the verify graphs
         if self.device.type == "cuda":  # FP8 GEMMs: fast accumulation where it is faster at full steps
             try:
                 with torch.inference_mode():
@@ -98,6 +95,9 @@ class ModelRunner:
                                       engine_config.max_num_tokens, agree=group.min_int)
             except RuntimeError as exc:  # speed only (out of memory included): keep fast accumulation
                 logger.warning("FP8 accumulation tuning skipped (%s: %s)", type(exc).__name__, exc)
+        # Every rank sizes its own cache; all use the smallest block count, so one block id
+        # means the same slots everywhere.
+        self.spec_k = engine_config.spec_tokens  # the graph memory estimate counts the verify graphs
         self.num_blocks = group.min_int(self._size_kv_cache(spec))
         self.kv_cache = KVCache(spec, self.num_blocks, self.device)
         self.input_batch = InputBatch(

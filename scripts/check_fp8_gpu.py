@@ -12,15 +12,15 @@ against the same engine on the CPU (the exact emulation). Prints a short table l
     quantized arithmetic; torch._scaled_mm (Fp8Linear.apply) against the emulated product.
 (c) timings: FP8 GEMV at 1 row vs the bf16 GEMV (us, GB/s of weights), _scaled_mm TFLOP/s;
     --sweep also tries GEMV tiles per shape and prints the best (paste into gemv.TUNED_FP8).
-(e) --gemm: only torch._scaled_mm with and without ``use_fast_accum`` (KILN_FP8_FAST_ACCUM) at
-    256-8,192 rows on the 8B and 70B shapes: TFLOP/s, and each one's error against float64 of the
-    same fp8 operands (norm-wise and the largest element over the output's RMS).
 (d) whole engine: random Llama-3.2-1B engines of the same weights (bf16, FP8 with a bf16 KV
     cache, FP8 with FP8 KV; built here into /dev/shm (else /tmp) unless --engine) generate greedy tokens on CUDA
     (Triton kernels, CUDA graphs, fused GEMV layers at batch 1-2) and on the CPU (float32
     emulation of the same arithmetic), and on CUDA with the reference ops and emulated FP8
     products in bf16: the teacher-forced logprobs of the Triton run must sit close to the
     reference run's. The bf16 engine's rows are the baseline the FP8 rows are read against.
+(e) --gemm: only torch._scaled_mm with and without ``use_fast_accum`` (KILN_FP8_FAST_ACCUM) at
+    256-8,192 rows on the 8B and 70B shapes: TFLOP/s, and each one's error against float64 of the
+    same fp8 operands (norm-wise and the largest element over the output's RMS).
 """
 
 from __future__ import annotations
@@ -276,7 +276,7 @@ def engine_runs(engine: str) -> tuple[dict[str, list[float]], int]:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--engine", help="a random FP8 engine to run (default: build llama-3.2-1b into /tmp)")
+    parser.add_argument("--engine", help="a random FP8 engine to run (default: build llama-3.2-1b into /dev/shm, else /tmp)")
     parser.add_argument("--sweep", action="store_true", help="also sweep FP8 GEMV tiles (minutes)")
     parser.add_argument("--gemm", action="store_true",
                         help="only time _scaled_mm with and without fast accumulation (and its error)")

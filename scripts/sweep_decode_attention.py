@@ -13,7 +13,7 @@ the same unpaged shape: its default choice, cuDNN's and FlashAttention-2's varia
 entries (cuDNN's also checked on ragged lengths; timed eagerly when a graph cannot capture it),
 then the FlashAttention and cuDNN SDPA backends forced; ``--backends`` times only the default
 tiles against those). Fastest last. (On an H200 with torch 2.11 cuDNN's variable-length entry
-was correct but took 66-73 ms eagerly for 16 x 2,048 tokens and did not capture in a graph,
+was correct but did not capture in a graph and then took 66-73 ms eagerly for 16 x 2,048 tokens,
 against 1.09 ms for its dense SDPA backend: not a route for ragged prefill chunks there.)
 """
 
@@ -173,23 +173,11 @@ def _cudnn_call(qf, k, v, cu_q, max_q):
                                                    False, scale=0.088)[0]
 
 
-def _event_ms(fn, reps: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
-
-
 def _cudnn_varlen(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, qsl: torch.Tensor, q_len: int,
                   flops: float) -> None:
     """cuDNN's variable-length entry (what fresh prefill chunks of different lengths could call),
     checked against FlashAttention-2's output; K/V heads as they are, else repeated to q's heads.
-    Also checked on ragged lengths; timed in a CUDA graph, else eagerly (events)."""
+    Also checked on ragged lengths; timed in a CUDA graph, else eagerly (check_kernels_gpu.bench)."""
     want = torch.ops.aten._flash_attention_forward(qf, kf, vf, qsl, qsl, q_len, q_len, 0.0, True, False,
                                                    scale=0.088)[0]
     lens = torch.tensor([q_len, q_len // 2 + 17, 1, q_len // 4 - 3, 300], dtype=torch.int32)
@@ -213,7 +201,7 @@ def _cudnn_varlen(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, qsl: tor
             ms, how = ck.graph_ms([lambda k=k, v=v: _cudnn_call(qf, k, v, qsl, q_len)]), "graph"
         except Exception as exc:  # noqa: BLE001
             print(f"cuDNN varlen ({label}) not graph-capturable: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
-            ms, how = _event_ms(lambda k=k, v=v: _cudnn_call(qf, k, v, qsl, q_len)), "eager"
+            ms, how = ck.bench(lambda k=k, v=v: _cudnn_call(qf, k, v, qsl, q_len)), "eager"
         print(f"cuDNN varlen ({label:14s})       {ms:.3f} ms {flops / (ms * 1e-3) / 1e12:.0f} TFLOP/s ({how})  "
               f"max|diff| vs FA2 {err:.2e}, ragged {rerr:.2e}")
 

@@ -7,18 +7,19 @@ scales, ``q(v, s) = fp8(clamp(v * (1/s), -448, 448))`` rounds to nearest even):
          silu(gate) * up, the attention output)
     y  = dtype((q(x', s_x) @ W8^T) * (s_x * s_w))  (+ bias)      W8 = the stored fp8 weight
 
-with the product accumulated in fp32 (on sm_89+ ``_scaled_mm`` uses cuBLASLt's fast accumulation by
-default: the tensor cores' own accumulator, not promoted to full fp32 every few k-steps; on an
-H200 1.03-1.11x faster at 256-2,048 rows, its error against float64 2.1-4.7e-3 norm-wise instead
-of 1.7e-3, far below the activations' own fp8 rounding; ``KILN_FP8_FAST_ACCUM``: ``auto``, the
-default, also checks each shape at start-up (``tune_accumulation``), ``1`` skips that, ``0`` is off;
-the GEMV and the CPU reference accumulate in fp32). The reciprocal 1/s_x is computed once at load, so the
-kernels and references multiply by the same fp32 number. The quantization of x' is fused into
-the kernel that produces it (add + RMSNorm, SiLU-and-mul; a quantize kernel for attention's
-output), so no separate pass reads it back. On sm_89+ GPUs the product is ``torch._scaled_mm``
-(cuBLASLt FP8) and, for 1-8 rows, the Triton GEMV reading fp8 weights with the same prologue
-rounding; elsewhere (CPU, older GPUs) it is emulated exactly: fp8 values are exact in the model
-dtype, so ``F.linear`` on them followed by the scale computes the same function.
+with the product accumulated in fp32 (on sm_89+ ``_scaled_mm`` uses cuBLASLt's fast accumulation
+by default: the tensor cores' own accumulator, not promoted to full fp32 every few k-steps; on
+an H200 1.02-1.11x faster on most shapes and row counts (0.90-0.94x at a few), its error against
+float64 2.1-4.7e-3 norm-wise instead of 1.7e-3, far below the activations' own fp8 rounding;
+``KILN_FP8_FAST_ACCUM``: ``auto``, the default, also checks each shape at start-up
+(``tune_accumulation``), ``1`` skips that, ``0`` is off; the GEMV and the CPU reference
+accumulate in fp32). The reciprocal 1/s_x is computed once at load, so the kernels and
+references multiply by the same fp32 number. The quantization of x' is fused into the kernel
+that produces it (add + RMSNorm, SiLU-and-mul; a quantize kernel for attention's output), so no
+separate pass reads it back. On sm_89+ GPUs the product is ``torch._scaled_mm`` (cuBLASLt FP8)
+and, for 1-8 rows, the Triton GEMV reading fp8 weights with the same prologue rounding;
+elsewhere (CPU, older GPUs) it is emulated exactly: fp8 values are exact in the model dtype, so
+``F.linear`` on them followed by the scale computes the same function.
 """
 
 from __future__ import annotations
@@ -133,11 +134,6 @@ def fast_accum_mode() -> str:
     return value
 
 
-def fast_accum_enabled() -> bool:
-    """Whether FP8 GEMMs use cuBLASLt's fast accumulation at all (``auto`` or ``1``)."""
-    return fast_accum_mode() != "0"
-
-
 def has_native_fp8(device: torch.device) -> bool:
     """True on a CUDA device of compute capability 8.9 or newer (FP8 tensor cores)."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= MIN_CAPABILITY
@@ -157,8 +153,9 @@ def select_fp8_ops(ops: KernelSet, device: torch.device) -> Fp8Ops:
             logger.warning("%s has no FP8 tensor cores (compute capability %s < 8.9): FP8 linears are emulated "
                            "in the model dtype (same results, no speed-up)", device,
                            torch.cuda.get_device_capability(device))
-    fast = native and fast_accum_enabled()
-    tune = fast and fast_accum_mode() == "auto"
+    mode = fast_accum_mode()
+    fast = native and mode != "0"
+    tune = fast and mode == "auto"
     if ops.name != "triton" or (device.type == "cuda" and not native):
         return Fp8Ops(native_gemm=native, fast_accum=fast, tune_accum=tune)
     from kiln.runtime import kernels
@@ -284,8 +281,9 @@ def tune_accumulation(methods: Iterable[Any], rows: int, agree: Callable[[int], 
     times ``_scaled_mm`` at ``rows`` rows (the step's token budget: every full prefill step has
     exactly that many) both ways; where fast is more than ``slower`` times slower, the linears
     of that shape add ``rows`` to ``exact_accum_rows``. On an H200 (torch 2.11) the 8B gate_up
-    at 8,192 rows took 1.47 ms fast against 1.33 ms, while every other shape and row count
-    measured gained 2-11% (BENCHMARKS.md, eighth session). ``agree`` is the tensor-parallel
+    at 8,192 rows took 1.47 ms fast against 1.33 ms, the 70B down at 8,192 and the 8B down at
+    12,288 were 6-8% slower, while most shapes and row counts gained 2-11% (BENCHMARKS.md,
+    eighth session). ``agree`` is the tensor-parallel
     group's ``min_int`` (every rank takes the same choice: the default only where all ranks
     measured it faster). Returns (out_features, in_features, fast s, default s) per shape timed.
     """
