@@ -46,6 +46,9 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [B+1] int32
     max_query_len: int
     max_seq_len: int
+    # [P] int32: the sequences with more than one query token, when decode rows share the step
+    # (the prefill kernel then launches over those only); None = every row may be one.
+    prefill_rows: torch.Tensor | None = None
 
     @classmethod
     def padding(cls, slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
@@ -172,10 +175,13 @@ def paged_attention(
     *,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    prefill_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of q [T, Hq, D] over each sequence's paged context -> [T, Hq, D].
 
-    An FP8 cache holds K/V divided by ``k_scale``/``v_scale`` (runtime/fp8_kv.py)."""
+    An FP8 cache holds K/V divided by ``k_scale``/``v_scale`` (runtime/fp8_kv.py).
+    ``prefill_rows`` (the sequences with more than one query token) sizes the kernels' prefill
+    launch; the reference computes every row and does not need it."""
     _check_scales(k_cache, k_scale, v_scale)
     num_seqs = seq_lens.shape[0]
     per_seq = q.shape[1] * max_query_len * max_seq_len

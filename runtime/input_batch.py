@@ -370,7 +370,8 @@ class InputBatch(VerifyInputs):
             positions=stage("positions", positions),
             attn=self._stage_attention(block_ids * self.block_size + positions % self.block_size,
                                        self.block_table[rows, :max_blocks], seq_lens,
-                                       stage("query_start_loc", query_start_loc), int(counts.max())),
+                                       stage("query_start_loc", query_start_loc), int(counts.max()),
+                                       prefill_rows=np.flatnonzero(counts > 1)),
             logits_indices=stage("logits_indices", logits_rows(query_start_loc[1:][sampled],
                                                                None if spec is None else spec[sampled])),
             num_reqs=len(rows),
@@ -429,12 +430,17 @@ class InputBatch(VerifyInputs):
         return inputs
 
     def _stage_attention(self, slots: np.ndarray, table: np.ndarray, seq_lens: np.ndarray,
-                         query_start_loc: torch.Tensor, max_query_len: int) -> AttentionMetadata:
+                         query_start_loc: torch.Tensor, max_query_len: int,
+                         prefill_rows: np.ndarray | None = None) -> AttentionMetadata:
         """A step's attention metadata, staged (its block table compact until the graph path
-        scatters it). Padding rows' seq_lens never exceed a real row's, so their max is the real one."""
+        scatters it). Padding rows' seq_lens never exceed a real row's, so their max is the real one.
+        ``prefill_rows`` (the rows of more than one token) is staged when decode rows share the
+        step: the prefill kernel then launches over those rows only."""
         stage = self.staging.stage
+        listed = prefill_rows is not None and 0 < len(prefill_rows) < len(seq_lens)
         return AttentionMetadata(stage("slot_mapping", slots), self.staging.stage_block_table(table),
-                                 stage("seq_lens", seq_lens), query_start_loc, max_query_len, int(seq_lens.max()))
+                                 stage("seq_lens", seq_lens), query_start_loc, max_query_len, int(seq_lens.max()),
+                                 stage("prefill_rows", prefill_rows) if listed else None)
 
     def static_inputs(self, size: int, query_len: int = 1) -> ModelInputs:
         """The static views a CUDA graph of ``size`` rows x ``query_len`` tokens (1: decode,

@@ -109,7 +109,7 @@ class DecoderLayer:
             ops.write_kv_cache(k, v, kv[0], kv[1], attn.slot_mapping, **scales)
         out = ops.paged_attention(
             q, kv[0], kv[1], attn.block_tables, attn.query_start_loc, attn.seq_lens,
-            self.scale, attn.max_query_len, attn.max_seq_len, **scales,
+            self.scale, attn.max_query_len, attn.max_seq_len, prefill_rows=attn.prefill_rows, **scales,
         )
         return out.reshape(-1, self.q_size)
 

@@ -24,6 +24,7 @@ class Staging:
         # max_logits: logits rows of a step (one per request, 1 + K per verifying request);
         # max_verify: the verify step's packed drafts (runtime/verify.py VerifyBatch.pack).
         regions = [("seq_lens", torch.int32, max_reqs), ("query_start_loc", torch.int32, max_reqs + 1),
+                   ("prefill_rows", torch.int32, max_reqs),
                    ("verify", torch.int64, max_verify),
                    ("logits_indices", torch.int64, max_logits or max_reqs), ("sample_rows", torch.int64, max_reqs),
                    ("fill_index", torch.int64, max_reqs), ("fill_rows", torch.int64, max_reqs),

@@ -3,6 +3,7 @@
 
     python scripts/sweep_decode_attention.py [--batch 222] [--ctx-lo 1000] [--ctx-hi 2000] [--kv-dtype fp8] [--mma-only]
     python scripts/sweep_decode_attention.py --prefill [--seqs 16] [--q-len 2048] [--kv-dtype fp8] [--backends]
+    python scripts/sweep_decode_attention.py --mixed --seqs 4 --q-len 2048 --batch 508 [--kv-dtype fp8]
 
 Llama-3.1-8B heads (32 q / 8 kv, head dim 128, bf16 queries, block size 32; the cache bf16 or
 FP8 with scales), one decode token per sequence with contexts drawn uniformly from
@@ -46,7 +47,13 @@ def main() -> None:
     p.add_argument("--q-len", type=int, default=2048)
     p.add_argument("--backends", action="store_true",
                    help="with --prefill: the default tiles against torch's attention backends only (no sweep)")
+    p.add_argument("--mixed", action="store_true",
+                   help="a mixed step (--seqs prompts of --q-len tokens, --batch decode rows of --ctx-lo to "
+                        "--ctx-hi tokens): the prefill launch over every row against the listed prefill rows")
     args = p.parse_args()
+    if args.mixed:
+        mixed(args.seqs, args.q_len, args.batch, args.ctx_lo, args.ctx_hi, args.kv_dtype == "fp8")
+        return
     if args.prefill:
         sweep_prefill(args.seqs, args.q_len, args.kv_dtype == "fp8", args.backends)
         return
@@ -105,6 +112,87 @@ def _time(results: list, make_calls, reference: torch.Tensor, what: str) -> None
         print(f"skip {what}: {type(exc).__name__}")
         return
     results.append((ms, what, err))
+
+
+def mixed(seqs: int, q_len: int, decode_rows: int, ctx_lo: int, ctx_hi: int, fp8: bool) -> None:
+    """One layer's attention of a mixed step as the engine runs it at 2048/128 (prompt chunks
+    next to hundreds of decode rows), with and without ``prefill_rows``; also the two parts
+    alone, so the cost of the prefill launch's idle programs shows."""
+    m = ck.LLAMA8B
+    rng = random.Random(0)
+    q_lens = [q_len] * seqs + [1] * decode_rows
+    ctx = [q_len] * seqs + [rng.randint(ctx_lo, ctx_hi) for _ in range(decode_rows)]
+    sets = [ck.paged_batch(q_lens, ctx, m["hq"], m["hkv"], m["d"], m["bs"], m["dtype"]) for _ in range(2)]
+    scales = {"k_scale": 0.01, "v_scale": 0.01} if fp8 else {}
+    if fp8:
+        sets = [dict(b, k_cache=fp8_kv.quantize(b["k_cache"], 0.01), v_cache=fp8_kv.quantize(b["v_cache"], 0.01))
+                for b in sets]
+    rows = torch.arange(seqs, dtype=torch.int32, device="cuda")
+
+    def fns(listed: bool, part: str = "all") -> list:
+        out = []
+        for b in sets:
+            if part == "prefill":
+                b = dict(b, block_tables=b["block_tables"][:seqs], query_start_loc=b["query_start_loc"][: seqs + 1],
+                         seq_lens=b["seq_lens"][:seqs])
+            elif part == "decode":
+                qsl = b["query_start_loc"][seqs:] - seqs * q_len
+                b = dict(b, q=b["q"][seqs * q_len:], block_tables=b["block_tables"][seqs:], query_start_loc=qsl,
+                         seq_lens=b["seq_lens"][seqs:])
+            out.append(lambda b=b, mq=(1 if part == "decode" else q_len): paged_attention(
+                **b, scale=0.088, max_query_len=mq, max_seq_len=131072,
+                prefill_rows=rows if listed else None, **scales))
+        return out
+
+    def own_kv(b: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompts' k / v [T, Hkv, D] as the step computed them: read back from the cache
+        (dequantized), zeros for the decode rows (dense prefill never reads those)."""
+        pos = torch.arange(q_len, device="cuda")
+        out = []
+        for cache in (b["k_cache"], b["v_cache"]):
+            parts = [cache[b["block_tables"][s, pos // m["bs"]].long(), pos % m["bs"]] for s in range(seqs)]
+            x = torch.cat(parts + [cache.new_zeros(decode_rows, *cache.shape[2:])])
+            out.append((x.float() * 0.01).to(m["dtype"]) if fp8 else x)
+        return out[0], out[1]
+
+    dense_inputs = [own_kv(b) for b in sets]
+    no_rows = rows[:0]
+
+    def dense_fns() -> list:
+        out = []
+        for b, (k, v) in zip(sets, dense_inputs):
+            def call(b=b, k=k, v=v):
+                o = paged_attention(**b, scale=0.088, max_query_len=q_len, max_seq_len=131072, prefill_rows=no_rows,
+                                    **scales)
+                return _dense_prompts(b["q"], k, v, o, seqs, q_len)
+            out.append(call)
+        return out
+
+    reference = fns(False)[0]()
+    results: list = []
+    _time(results, lambda: fns(False), reference, "prefill launch over every row")
+    _time(results, lambda: fns(True), reference, "prefill launch over the listed rows")
+    _time(results, dense_fns, reference, "prompts by torch SDPA from own k/v, decode rows paged")
+    prefill_ms, decode_ms = ck.graph_ms(fns(False, "prefill")), ck.graph_ms(fns(False, "decode"))
+    for ms, what, err in sorted(results, reverse=True):
+        print(f"{what:40s} {ms:8.3f} ms  max|diff| {err:.2e}")
+    print(f"the parts alone: prompts {prefill_ms:.3f} ms + decode rows {decode_ms:.3f} ms = "
+          f"{prefill_ms + decode_ms:.3f} ms ({seqs} x {q_len} prompt tokens, {decode_rows} decode rows of "
+          f"{ctx_lo}-{ctx_hi} tokens, {'fp8' if fp8 else 'bf16'} cache, Llama-3.1-8B heads, one layer)")
+
+
+def _dense_prompts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, seqs: int,
+                   q_len: int) -> torch.Tensor:
+    """The first seqs x q_len rows (fresh prompts) by torch's dense causal SDPA over their own
+    k / v, written into out: what a dense route for fresh chunks would run (not in the engine:
+    torch 2.11's default cuDNN backend builds a plan for every new length, 36-500 ms each;
+    BENCHMARKS.md, ninth session)."""
+    n = seqs * q_len
+    view = lambda x: x[:n].unflatten(0, (seqs, q_len)).transpose(1, 2)  # noqa: E731
+    o = torch.nn.functional.scaled_dot_product_attention(view(q), view(k), view(v), is_causal=True, scale=0.088,
+                                                         enable_gqa=True)
+    out[:n].unflatten(0, (seqs, q_len)).copy_(o.transpose(1, 2))
+    return out
 
 
 def sweep_prefill(seqs: int, q_len: int, fp8: bool, backends_only: bool = False) -> None:

@@ -2,7 +2,8 @@
 
 Three kernels:
 * `prefill_kernel`: one program per (sequence, block of BLOCK_M query tokens, query head);
-  causal over the sequence's paged context. Serves every sequence with q_len >= MIN_Q_LEN.
+  causal over the sequence's paged context. Serves every sequence with q_len >= MIN_Q_LEN; the
+  launch covers every sequence, or only those of a row list (the host's prefill rows).
 * `decode_kernel`: flash-decoding. One program per (sequence, KV head, split); all query heads
   of the KV head are processed together so each KV tile is read once. Serves q_len == 1 rows.
 * `reduce_kernel`: merges the per-split partial results of `decode_kernel` by their
@@ -19,7 +20,7 @@ Cache tensors are [num_blocks, block_size, num_kv_heads, head_dim] with a unit l
 token n of a sequence lives in block block_tables[seq, n // BLOCK_SIZE], row n % BLOCK_SIZE.
 
 Integer arguments that change from step to step (the block table's row stride: a step's
-widest context in blocks; the prefill grid's query blocks; the decode split count) are not
+widest context in blocks; the prefill grid's query blocks and rows; the decode split count) are not
 specialized (``do_not_specialize``): Triton would otherwise compile a variant for each of 1,
 multiples of 16 and the rest, i.e. compile mid-serving (a served H200 run spent 0.66 s of 8 s
 compiling prefill variants, stalling every stream).
@@ -95,16 +96,25 @@ def _prefill_tile(q, k_ptr, v_ptr, bt_row, n_start, kv_end, q_pos, head_off, off
     return m_i, l_i, acc
 
 
-@triton.jit(do_not_specialize=["num_m_blocks", "stride_bt"])
-def prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, scale_log2, v_scale, num_m_blocks,
+@triton.jit(do_not_specialize=["num_m_blocks", "num_rows", "stride_bt"])
+def prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, rows_ptr, scale_log2, v_scale,
+                   num_m_blocks, num_rows,
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
                    GQA: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    MIN_Q_LEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, SCALE_V: tl.constexpr,
-                   FP16_DOTS: tl.constexpr):
-    seq = tl.program_id(0) // num_m_blocks
-    m_block = tl.program_id(0) % num_m_blocks
+                   FP16_DOTS: tl.constexpr, HAS_ROWS: tl.constexpr):
+    # Program (i, head): query block num_m_blocks - 1 - i // num_rows of row i % num_rows, the
+    # row being a sequence index (rows_ptr[row] when HAS_ROWS: the launch covers only the
+    # sequences listed there). Later query blocks see more keys, so the heaviest programs
+    # start first and the launch ends on light ones.
+    row = tl.program_id(0) % num_rows
+    m_block = num_m_blocks - 1 - tl.program_id(0) // num_rows
     head = tl.program_id(1)
+    if HAS_ROWS:
+        seq = tl.load(rows_ptr + row)
+    else:
+        seq = row
     q_start = tl.load(qsl_ptr + seq)
     q_len = tl.load(qsl_ptr + seq + 1) - q_start
     if (q_len < MIN_Q_LEN) | (m_block * BLOCK_M >= q_len):

@@ -1,7 +1,8 @@
 """Paged attention for mixed prefill/decode batches (host side: checks, launch sizes, dispatch).
 
 A batch is served by at most three launches and no host synchronisation:
-* when max_query_len > 1, `prefill_kernel` over every sequence (sequences with q_len < 2 exit at once);
+* when max_query_len > 1, `prefill_kernel` over every sequence (sequences with q_len < 2 exit at once)
+  or over the given prefill rows only;
 * `decode_kernel` over every sequence (sequences with q_len != 1 exit at once), split along the
   context when there are too few (sequence, KV head) programs to fill the GPU; over an FP8 cache,
   where it applies, the tensor-core kernel of kernels/fp8_decode.py instead (same grid, same
@@ -127,17 +128,24 @@ def _explain_bad_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float, max_query_len: int,
                     max_seq_len: int, *, config: AttentionConfig | None = None, num_splits: int | None = None,
-                    k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+                    k_scale: float = 1.0, v_scale: float = 1.0,
+                    prefill_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of q[T, Hq, D] over each sequence's paged context; returns out[T, Hq, D].
 
     Query token i of sequence b sits at position seq_lens[b] - q_len_b + i and sees positions
     <= that. max_query_len must be >= every q_len (it sizes the prefill grid); max_seq_len only
     tunes the decode split count. `config` and `num_splits` override the defaults (tuning, tests).
     An FP8 cache holds K/V divided by k_scale/v_scale: k_scale joins the softmax scale and v_scale
-    multiplies the output.
+    multiplies the output. ``prefill_rows`` (int32 [P]), when given, lists the sequences with
+    q_len > 1 (every one of them: a row missing from it gets no output), and the prefill launch
+    covers only those: in a mixed step of 4 prompts and 508 decode rows the grid is otherwise
+    128x larger, almost all of it programs that exit at once.
     """
     scaled = k_scale != 1.0 or v_scale != 1.0
     _check_inputs(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scaled)
+    if prefill_rows is not None and (prefill_rows.dtype != torch.int32 or prefill_rows.dim() != 1):
+        raise KernelInputError(f"prefill_rows must be a 1-D int32 tensor, got {prefill_rows.dtype} "
+                               f"of shape {tuple(prefill_rows.shape)}")
     out = torch.empty_like(q)
     batch = seq_lens.shape[0]
     if q.shape[0] == 0 or batch == 0:
@@ -152,12 +160,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
                k_cache.stride(2), block_tables.stride(0))
     scales = (float(scale) * k_scale * LOG2E, float(v_scale))  # (scale_log2, v_scale) of the kernels
-    if max_query_len > 1:
+    rows = batch if prefill_rows is None else prefill_rows.shape[0]
+    if max_query_len > 1 and rows:
         m_blocks = triton.cdiv(max_query_len, cfg.prefill_block_m)
-        prefill_kernel[(batch * m_blocks, num_heads)](
-            q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, *scales, m_blocks, *strides,
+        prefill_kernel[(rows * m_blocks, num_heads)](
+            q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
+            seq_lens if prefill_rows is None else prefill_rows, *scales, m_blocks, rows, *strides,
             GQA=num_heads // kv_heads, BLOCK_M=cfg.prefill_block_m, BLOCK_N=cfg.prefill_block_n, MIN_Q_LEN=2,
-            num_warps=cfg.prefill_warps, num_stages=cfg.prefill_stages, **common)
+            num_warps=cfg.prefill_warps, num_stages=cfg.prefill_stages, HAS_ROWS=prefill_rows is not None, **common)
     _decode(q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, scales, max_seq_len,
             strides, common, cfg, num_splits)
     return out

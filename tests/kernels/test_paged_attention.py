@@ -15,12 +15,18 @@ from .reference import TOL, attention_reference, make_paged_batch, rel_err
 SMALL = AttentionConfig(prefill_block_m=16, prefill_block_n=16, decode_block_n=16, min_tokens_per_split=16)
 
 
-def _run(batch, cfg=SMALL, num_splits=None):
+def _run(batch, cfg=SMALL, num_splits=None, prefill_rows=None):
     scale = 1.0 / math.sqrt(batch.q.shape[2])
     out = paged_attention(batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.query_start_loc,
                           batch.seq_lens, scale, max(batch.q_lens), max(batch.ctx_lens), config=cfg,
-                          num_splits=num_splits)
+                          num_splits=num_splits, prefill_rows=prefill_rows)
     return out, attention_reference(batch, scale)
+
+
+def _prefill_rows(q_lens, order, device):
+    """The rows of more than one query token, in the given order (a permutation of them)."""
+    rows = [i for i, n in enumerate(q_lens) if n > 1]
+    return torch.tensor([rows[i] for i in order], dtype=torch.int32, device=device)
 
 
 def _assert_close(out, ref, dtype, gen):
@@ -50,6 +56,16 @@ def test_mixed_batch(heads, kv_heads, head_dim, block_size, dtype, device, gen):
     ctx_lens = [37, 50, 19, 0, 1, 21]
     batch = make_paged_batch(q_lens, ctx_lens, heads, kv_heads, head_dim, block_size, dtype, device, gen)
     out, ref = _run(batch)
+    _assert_close(out, ref, dtype, gen)
+
+
+@pytest.mark.parametrize("dtype,order", [(torch.bfloat16, (0, 1, 2)), (torch.float32, (2, 0, 1))])
+def test_prefill_over_listed_rows(dtype, order, device, gen):
+    # The prefill launch over only the rows of more than one token (in any order) computes
+    # every row the full launch does; decode rows still go to the decode kernel.
+    q_lens = [5, 1, 19, 0, 1, 2]
+    batch = make_paged_batch(q_lens, [37, 50, 19, 0, 1, 21], 4, 1, 64, 16, dtype, device, gen)
+    out, ref = _run(batch, prefill_rows=_prefill_rows(q_lens, order, device))
     _assert_close(out, ref, dtype, gen)
 
 
@@ -98,12 +114,14 @@ def test_bad_inputs_raise(device, gen):
         paged_attention(batch.q[:, :3], *args[1:], 0.1, 1, 4)
     with pytest.raises(KernelInputError, match="dtypes differ"):
         paged_attention(batch.q.half(), *args[1:], 0.1, 1, 4)
+    with pytest.raises(KernelInputError, match="prefill_rows must be a 1-D int32"):
+        paged_attention(*args, 0.1, 1, 4, prefill_rows=torch.zeros(1, dtype=torch.int64, device=device))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU (counts compiled kernels)")
 def test_step_to_step_integers_compile_once(gen):
-    """A served step's block-table width, prefill query blocks and decode splits change every
-    step; each kernel compiles once for all of them (a mid-serving compile stalls every stream)."""
+    """A served step's block-table width, prefill query blocks and rows and decode splits change
+    every step; each kernel compiles once for all of them (a mid-serving compile stalls every stream)."""
     from kiln.runtime.kernels import attention_kernels as ak
 
     def compiled() -> int:
@@ -118,5 +136,9 @@ def test_step_to_step_integers_compile_once(gen):
             batch = make_paged_batch(q_lens, ctx_lens, 8, 2, 128, 16, torch.bfloat16, "cuda", gen)
             out, ref = _run(batch, cfg=None, num_splits=splits)
             _assert_close(out, ref, torch.bfloat16, gen)
+            if max(q_lens) > 1:  # the launch over listed prefill rows: its row count varies too
+                rows = _prefill_rows(q_lens, range(sum(n > 1 for n in q_lens)), "cuda")
+                out, ref = _run(batch, cfg=None, num_splits=splits, prefill_rows=rows)
+                _assert_close(out, ref, torch.bfloat16, gen)
             counts.append(compiled())
     assert counts[-1] == counts[1], f"kernels compiled per shape: {counts}"

@@ -114,3 +114,27 @@ def test_verify_step_lands_in_the_static_views() -> None:
     width = 3  # cdiv(longest seq_len 6 + 3, 4): the columns the step staged
     assert static.attn.block_tables[:3, :width].tolist() == [(b + [0])[:width] for _, b in REQUESTS.values()]
     assert static.attn.block_tables[3, :width].tolist() == [0] * width
+
+
+def test_mixed_step_lists_its_prefill_rows() -> None:
+    """A step mixing prompt chunks with decode rows names the chunk rows (the prefill kernel
+    launches over those only); a step of chunks alone, or of decode rows alone, names none."""
+    batch = InputBatch(max_batch_size=4, max_model_len=MAX_LEN, max_num_tokens=32, block_size=BS, num_blocks=16,
+                       vocab_size=100, device=torch.device("cpu"))
+    batch.add("d1", [5, 6, 7], 3, GREEDY, [3], 2)          # decoding: one token left
+    batch.add("p1", [1, 2, 3, 4, 5, 6], 6, GREEDY, [0, 7], 0)  # a prompt: six tokens to prefill
+    batch.add("d2", [9, 8], 2, GREEDY, [12], 1)
+    batch.add("p2", [4, 4, 4], 3, GREEDY, [5], 1)          # a chunk continuing a prompt
+
+    def prefill_rows(order: list[str], counts: list[int]) -> list[int] | None:
+        rows = np.array([batch.requests[r].row for r in order], dtype=np.int64)
+        inputs, _, _ = batch.prepare(ScheduledRows(order, rows, np.array(counts, dtype=np.int64)))
+        rows_t = inputs.attn.prefill_rows
+        assert inputs.attn.max_query_len == max(counts)
+        return None if rows_t is None else rows_t.tolist()
+
+    assert prefill_rows(["d1", "p1", "d2", "p2"], [1, 6, 1, 2]) == [1, 3]  # indices into the step's rows
+    assert prefill_rows(["p2", "d1", "p1"], [2, 1, 3]) == [0, 2]
+    assert prefill_rows(["p1", "p2"], [6, 2]) is None  # every row is a chunk: the full launch is the same
+    assert prefill_rows(["d1", "d2"], [1, 1]) is None  # decode only
+
