@@ -91,8 +91,13 @@ class ModelRunner:
         if self.device.type == "cuda":  # FP8 GEMMs: fast accumulation where it is faster at full steps
             try:
                 with torch.inference_mode():
-                    tune_accumulation((lin.method for layer in self.model.layers for lin in layer.linears),
-                                      engine_config.max_num_tokens, agree=group.min_int)
+                    methods = [lin.method for layer in self.model.layers for lin in layer.linears]
+                    timed = tune_accumulation(methods, engine_config.max_num_tokens, agree=group.min_int)
+                if timed:
+                    exact = {(m.out_features, m.in_features) for m in methods
+                             if engine_config.max_num_tokens in getattr(m, "exact_accum_rows", ())}
+                    logger.info("FP8 GEMM accumulation at %d rows: fast for %d of %d shapes",
+                                engine_config.max_num_tokens, len(timed) - len(exact), len(timed))
             except RuntimeError as exc:  # speed only (out of memory included): keep fast accumulation
                 logger.warning("FP8 accumulation tuning skipped (%s: %s)", type(exc).__name__, exc)
         # Every rank sizes its own cache; all use the smallest block count, so one block id
